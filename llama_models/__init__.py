@@ -1,0 +1,11 @@
+"""Meta's Llama 3 in plain PyTorch: model, tokenizer, chat format and checkpoint loading."""
+
+from .args import ModelArgs
+from .chat_format import ChatFormat
+from .checkpoint import CheckpointError, default_dtype, load, resolve_device
+from .distributed import init_distributed
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+__all__ = ["ChatFormat", "CheckpointError", "ModelArgs", "Tokenizer", "Transformer", "default_dtype",
+           "init_distributed", "load", "resolve_device"]

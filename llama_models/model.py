@@ -1,0 +1,219 @@
+"""The Llama 3 Transformer, module for module the same tree as Meta's reference.
+
+The module and parameter names are the keys of Meta's consolidated.*.pth files, so a checkpoint
+loads with `load_state_dict(strict=True)` and no renaming. The linear layers are fairscale's
+model-parallel ones: with one process they are plain linears; under torchrun each process holds
+a slice of every matrix.
+
+Shapes in comments: B batch, S new tokens in this call, P start_pos, D dim, H query heads,
+K key/value heads, Hd head_dim, V vocab. "local" means this process's share under model
+parallelism (all of it with one process).
+"""
+
+import math
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from torch import nn
+
+from .args import ModelArgs
+
+
+def _keep(weight):
+    # fairscale calls init_method on every new weight; the checkpoint overwrites them anyway.
+    return weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # (D,)
+
+    def forward(self, x):
+        # Normalise in float32 even for bf16 activations: the mean of squares loses too much
+        # precision in 8 bits of mantissa. Then back to the activation dtype, then scale.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The rotation speed of each pair of dimensions in a head, in radians per position. (Hd/2,)"""
+    dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if not args.use_scaled_rope:
+        return freqs
+    # Llama 3.1's long-context recipe: keep the fast-rotating (short-wavelength) pairs, slow down
+    # the slow ones by `factor`, and blend smoothly in between. The constants are Meta's.
+    factor, low_freq_factor, high_freq_factor, old_context_len = args.rope_scaling_factor, 1, 4, 8192
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / factor, freqs)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_between, blended, scaled)
+
+
+def rope_table(args: ModelArgs) -> torch.Tensor:
+    """cos and sin of every position's rotation angles: (max_seq_len, Hd/2, 2), float32."""
+    positions = torch.arange(args.max_seq_len, dtype=torch.float32)
+    angles = torch.outer(positions, rope_frequencies(args))  # (max_seq_len, Hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
+
+    x: (B, S, heads, Hd); rope: (S, Hd/2, 2). Meta's layout pairs *adjacent* dimensions (Hugging
+    Face's pairs i with i + Hd/2, which is why HF conversions permute wq and wk). Meta does this
+    with complex numbers; real arithmetic gives the same float32 result and also runs on MPS.
+    """
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, heads, Hd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos = rope[None, :, None, :, 0]  # (1, S, 1, Hd/2)
+    sin = rope[None, :, None, :, 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world_size = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world_size
+        self.n_local_kv_heads = args.n_kv_heads // world_size
+        self.head_dim = args.head_dim
+
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False,
+                                    input_is_parallel=True, init_method=_keep)
+        # The KV cache: keys and values of every position seen so far, so that each new token
+        # attends to the past without recomputing it. Allocated once at full size
+        # (Transformer.setup_cache), written in place. Not part of the checkpoint.
+        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
+        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask):
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, S, H, Hd)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
+        xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
+
+        end = start_pos + seqlen
+        self.cache_k[:bsz, start_pos:end] = xk
+        self.cache_v[:bsz, start_pos:end] = xv
+        keys = self.cache_k[:bsz, :end].transpose(1, 2)  # (B, K, P+S, Hd)
+        values = self.cache_v[:bsz, :end].transpose(1, 2)  # (B, K, P+S, Hd)
+
+        # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
+        # sharing inside the kernel instead of materialising repeated copies of the cache.
+        out = F.scaled_dot_product_attention(
+            xq.transpose(1, 2),  # (B, H, S, Hd)
+            keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )  # (B, H, S, Hd)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, S, H*Hd)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x):
+        # SwiGLU: a SiLU-gated linear unit. w1 makes the gate, w3 the value, w2 projects back.
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, start_pos: int, rope, mask):
+        # Pre-norm residual block: normalise the input of each sub-layer, add its output back.
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world_size = fs_init.get_model_parallel_world_size()
+        if args.n_heads % world_size or args.n_kv_heads % world_size:
+            raise ValueError(f"n_heads ({args.n_heads}) and n_kv_heads ({args.n_kv_heads}) must be "
+                             f"divisible by the model-parallel size ({world_size})")
+        self.params = args
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
+        # A plain attribute, not a buffer, so that model.to(bfloat16) cannot round the angles:
+        # positions in the thousands need float32. forward() moves it to the tokens' device.
+        self.rope = rope_table(args)  # (max_seq_len, Hd/2, 2)
+
+    def setup_cache(self, device, dtype):
+        """(Re)allocate the RoPE table (float32) and an empty KV cache on `device` in `dtype`.
+
+        Called by llama_models.load after weights are assigned to a model built on the meta
+        device, whose buffers have no storage yet; also a way to clear the cache.
+        """
+        self.rope = rope_table(self.params).to(device)
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache_k = torch.zeros(attn.cache_k.shape, device=device, dtype=dtype)
+            attn.cache_v = torch.zeros(attn.cache_v.shape, device=device, dtype=dtype)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.
+
+        Args:
+            tokens: (batch, seq) token ids. The KV cache already holds positions < start_pos.
+            start_pos: position of tokens[:, 0]. Prefill with start_pos=0 and the whole prompt,
+                then call once per new token with seq=1 and start_pos = tokens so far.
+        Returns:
+            (batch, seq, vocab) float32 logits for the token after each position.
+        """
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
+        if bsz > self.params.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
+        h = self.tok_embeddings(tokens)  # (B, S, D)
+        self.rope = self.rope.to(tokens.device)  # a no-op once it is there
+        rope = self.rope[start_pos:start_pos + seqlen]  # (S, Hd/2, 2)
+
+        mask = None
+        if seqlen > 1:
+            # Token i of this call sits at position start_pos + i and may attend to every cached
+            # position and to itself, but not to later tokens: True = may attend. (A boolean
+            # comparison rather than Meta's torch.triu of -inf, which returns NaN on MPS:
+            # pytorch/pytorch#100005.) A single new token may attend to everything: no mask.
+            query_pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            key_pos = torch.arange(start_pos + seqlen, device=tokens.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (S, P+S)
+
+        for layer in self.layers:
+            h = layer(h, start_pos, rope, mask)
+        h = self.norm(h)
+        return self.output(h).float()  # (B, S, V)

@@ -1,0 +1,114 @@
+"""Llama 3's tokenizer: byte-level BPE over a base64 vocabulary file, run by tiktoken."""
+
+import re
+from pathlib import Path
+from typing import AbstractSet, Collection, Iterator, Literal, Sequence, Union
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+# How Llama 3 cuts text into pieces before BPE merges bytes inside each piece: contractions,
+# words with one leading non-letter, numbers of up to 3 digits, punctuation runs, newlines, spaces.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NAMED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model wants a tool's answer
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>", "<|image|>",
+]
+LLAMA3_NUM_SPECIAL_TOKENS = 256  # the named ones, then <|reserved_special_token_2|> ... up to 256
+
+# tiktoken's BPE is quadratic in the length of one piece, and a piece can be a whole run without
+# whitespace (tiktoken issue 195): a 400 KB string of letters would take minutes. Cutting every
+# run of whitespace or of non-whitespace into chunks of at most MAX_RUN_CHARS characters bounds
+# the cost of each chunk, so encoding is linear in the input length. Meta's reference cuts at
+# exactly these places, after first cutting the text every MAX_ENCODE_CHARS characters (longer
+# inputs made tiktoken panic), so the ids are the same as Meta's.
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+_RUNS = re.compile(r"\s+|\S+")
+
+
+def _chunks(s: str) -> Iterator[str]:
+    for i in range(0, len(s), MAX_ENCODE_CHARS):
+        part, start = s[i:i + MAX_ENCODE_CHARS], 0
+        for run in _RUNS.finditer(part):
+            for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                yield part[start:cut]
+                start = cut
+        yield part[start:]
+
+
+class Tokenizer:
+    def __init__(self, model_path: Union[str, Path]):
+        """Load a tokenizer.model: one `base64(token bytes) rank` pair per line.
+
+        Args:
+            model_path: path to tokenizer.model (Llama 3's, or one written by our tools).
+        """
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
+        try:
+            ranks = load_tiktoken_bpe(str(model_path))
+        except Exception as e:  # tiktoken raises bare ValueError / binascii.Error on a bad line
+            raise ValueError(f"{model_path} is not a base64 BPE vocabulary ({e})") from None
+        n_base = len(ranks)
+        names = LLAMA3_NAMED_SPECIAL_TOKENS + [
+            f"<|reserved_special_token_{i}|>"
+            for i in range(2, 2 + LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))
+        ]
+        self.special_tokens = {name: n_base + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(
+            name=model_path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.n_words = self.model.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        # Generation stops at any of these: end of text, end of message (tool call), end of turn.
+        self.stop_tokens = [self.eos_id, self.special_tokens["<|eom_id|>"], self.special_tokens["<|eot_id|>"]]
+
+    def encode(
+        self,
+        s: str,
+        *,
+        bos: bool,
+        eos: bool,
+        allowed_special: Union[Literal["all"], AbstractSet[str]] = frozenset(),
+        disallowed_special: Union[Literal["all"], Collection[str]] = (),
+    ) -> list[int]:
+        """Encode text to token ids.
+
+        Args:
+            s: the text.
+            bos, eos: add the begin-of-text / end-of-text id.
+            allowed_special: special-token texts that become control tokens. By default none:
+                "<|eot_id|>" typed by a user is encoded as plain text, so user input cannot
+                forge the structure of a chat.
+            disallowed_special: special-token texts that raise an error instead; default none.
+        Returns:
+            the token ids.
+        """
+        if not isinstance(s, str):
+            raise TypeError(f"encode() takes a str, got {type(s).__name__}")
+        tokens = [self.bos_id] if bos else []
+        for chunk in _chunks(s):
+            tokens.extend(self.model.encode(chunk, allowed_special=allowed_special,
+                                            disallowed_special=disallowed_special))
+        if eos:
+            tokens.append(self.eos_id)
+        return tokens
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Token ids to text; bytes that are not valid UTF-8 on their own become U+FFFD."""
+        return self.model.decode(list(tokens))
+
+    def decode_bytes(self, tokens: Sequence[int]) -> bytes:
+        """Token ids to raw bytes: what a streaming printer needs, since one character (an emoji,
+        a CJK ideograph) can be split across tokens."""
+        return self.model.decode_bytes(list(tokens))
