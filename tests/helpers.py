@@ -54,7 +54,7 @@ def hf_llama(args, state_dict):
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_parameters=rope,
-        max_position_embeddings=args.max_seq_len, tie_word_embeddings=False, torch_dtype=torch.float32,
+        max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype=torch.float32,
     )
     hf = {"model.embed_tokens.weight": state_dict["tok_embeddings.weight"],
           "model.norm.weight": state_dict["norm.weight"], "lm_head.weight": state_dict["output.weight"]}
