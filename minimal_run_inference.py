@@ -3,10 +3,12 @@
 Edit the globals below and run it, or override them with flags:
     python minimal_run_inference.py
     python minimal_run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --prompt "Once upon a time"
+    torchrun --nproc_per_node 2 minimal_run_inference.py   # the model split over 2 processes
 """
 
 import argparse
 import codecs
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,20 +16,13 @@ from pathlib import Path
 import torch
 
 import llama_models
+from llama_models.checkpoint import MISSING_CHECKPOINT
 
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR
 LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `llama model download` puts them
 INPUT_STRING = "The capital of France is"  # plain completion: the model continues this text
 DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
-
-MISSING_CHECKPOINT = """\
-No Llama checkpoint here: {error}
-Get Meta's weights with `llama model download --source meta --model-id {name}` (llama-stack's
-CLI, after requesting access at https://www.llama.com/llama-downloads), or download the original/
-folder of a Hugging Face repo (e.g. `huggingface-cli download meta-llama/Llama-3.2-1B-Instruct
---include "original/*" --local-dir DIR`) and pass --model-dir DIR/original.
-To see the scripts work right now with a small open model, run `make demo`."""
 
 
 def main():
@@ -46,6 +41,10 @@ def main():
     except (ValueError, llama_models.CheckpointError) as e:
         missing = isinstance(e, llama_models.CheckpointError) and not args.model_dir.joinpath("params.json").exists()
         sys.exit(MISSING_CHECKPOINT.format(error=e, name=MODEL_NAME) if missing else f"error: {e}")
+    if torch.distributed.get_rank() > 0:
+        # Under torchrun every process runs this same loop on its slice of the model, and all
+        # get the same logits; one of them is enough to print.
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     print(f"loaded {args.model_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     # Plain completion: <|begin_of_text|> then the text, nothing else.

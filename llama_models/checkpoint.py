@@ -6,12 +6,24 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
+import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from .args import ModelArgs
 from .distributed import init_distributed
 from .model import Transformer
 from .tokenizer import Tokenizer
+
+
+# What the scripts say when a checkpoint directory is missing; {error} is the CheckpointError,
+# {name} the model's name.
+MISSING_CHECKPOINT = """\
+No Llama checkpoint here: {error}
+Get Meta's weights with `llama model download --source meta --model-id {name}` (llama-stack's
+CLI, after requesting access at https://www.llama.com/llama-downloads), or download the original/
+folder of a Hugging Face repo (e.g. `huggingface-cli download meta-llama/Llama-3.2-1B-Instruct
+--include "original/*" --local-dir DIR`) and pass --model-dir DIR/original.
+To see the scripts work right now with a small open model, run `make demo`."""
 
 
 class CheckpointError(Exception):
@@ -86,6 +98,48 @@ def _read_state_dict(path: Path) -> dict:
     return state_dict
 
 
+# Meta's layout of model-parallel shards, from fairscale's layers: a column-parallel weight
+# (its output features split across processes) is cut along dim 0, a row-parallel one (input
+# features split) along dim 1; norms are whole in every shard.
+SPLIT_DIM = {"tok_embeddings": 0, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def _slice_of_concat(parts: list, dim: int, start: int, stop: int) -> torch.Tensor:
+    """torch.cat(parts, dim)[start:stop along dim], touching only the parts that overlap."""
+    pieces, offset = [], 0
+    for part in parts:
+        lo, hi = max(start, offset), min(stop, offset + part.shape[dim])
+        if lo < hi:
+            pieces.append(part.narrow(dim, lo - offset, hi - lo))
+        offset += part.shape[dim]
+    # One piece cut along dim 0 is a view into the mmapped file: no copy. Otherwise copy just
+    # this slice (a non-contiguous weight would be copied by every matmul instead).
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)).contiguous()
+
+
+def reshard(shards: list[dict], rank: int, world_size: int, args: ModelArgs) -> dict:
+    """The tensors process `rank` of `world_size` holds, from a checkpoint saved in len(shards) shards.
+
+    Conceptually: concatenate the shards back into the whole tensor, then cut it into world_size
+    equal slices and keep slice `rank`. With more processes than kv heads, each process instead
+    gets a copy of the one kv head its query heads use.
+    """
+    out = {}
+    for name, first in shards[0].items():
+        dim = SPLIT_DIM.get(name.split(".")[-2])
+        if dim is None:
+            out[name] = first
+            continue
+        parts = [shard[name] for shard in shards]
+        total = sum(part.shape[dim] for part in parts)
+        start, stop = rank * total // world_size, (rank + 1) * total // world_size
+        if name.split(".")[-2] in ("wk", "wv") and world_size > args.n_kv_heads:
+            head = rank * args.n_kv_heads // world_size
+            start, stop = head * args.head_dim, (head + 1) * args.head_dim
+        out[name] = _slice_of_concat(parts, dim, start, stop)
+    return out
+
+
 def _check_tensors(model: Transformer, state_dict: dict, path: Path) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
@@ -115,7 +169,8 @@ def load(
     """Build the model and tokenizer of a Meta-format checkpoint directory.
 
     Args:
-        model_dir: directory with params.json, consolidated.00.pth and tokenizer.model.
+        model_dir: directory with params.json, consolidated.*.pth and tokenizer.model. A checkpoint
+            saved in M shards loads on N processes (torchrun) when M divides N or N divides M.
         device: "auto" (cuda, else mps, else cpu), "cpu", "cuda", "cuda:1", "mps", or a torch.device.
         dtype: weights' and KV cache's dtype; default: default_dtype(device).
         max_seq_len: longest prompt + generation the KV cache holds.
@@ -143,22 +198,31 @@ def load(
         raise CheckpointError(f"{tokenizer_path} has {tokenizer.n_words} tokens but params.json "
                               f"says vocab_size={args.vocab_size}")
 
-    shards = sorted(model_dir.glob("consolidated.*.pth"))
-    if not shards:
+    paths = sorted(model_dir.glob("consolidated.*.pth"))
+    if not paths:
         raise CheckpointError(f"no consolidated.*.pth in {model_dir}")
-    if len(shards) > 1:
-        raise CheckpointError(f"{model_dir} holds {len(shards)} shards; loading a sharded checkpoint "
-                              f"is not supported yet (merge it into one consolidated.00.pth first)")
-    state_dict = _read_state_dict(shards[0])
+    shards = [_read_state_dict(path) for path in paths]  # mmapped: nothing is read yet
+    for path, shard in zip(paths[1:], shards[1:]):
+        if shard.keys() != shards[0].keys():
+            raise CheckpointError(f"{path} and {paths[0]} hold different tensor names")
 
     init_distributed(device)
+    rank, world_size = fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+    if len(paths) % world_size and world_size % len(paths):
+        raise CheckpointError(f"{model_dir} holds {len(paths)} shards, which cannot be split or merged for "
+                              f"{world_size} processes: one count must divide the other")
+    state_dict = reshard(shards, rank, world_size, args)
+
     # Build on the meta device: shapes only, no random weights to allocate and then overwrite.
-    # (fairscale creates its weights with the legacy torch.Tensor(...) constructor, which ignores
+    # fairscale creates its weights with the legacy torch.Tensor(...) constructor, which ignores
     # the meta device: that memory is allocated but never written, so the OS never backs it
-    # with RAM, and assign=True below frees it.)
-    with torch.device("meta"):
+    # with RAM, and assign=True below frees it. With several processes, fairscale also copies
+    # each weight's slice out of a full-size scratch matrix, which cannot be done from the meta
+    # device: there we build on the CPU, and each process briefly writes its share of the model
+    # in float32 before assign=True frees it.
+    with torch.device("meta") if world_size == 1 else torch.device("cpu"):
         model = Transformer(args)
-    _check_tensors(model, state_dict, shards[0])
+    _check_tensors(model, state_dict, paths[0] if len(paths) == 1 else model_dir)
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -85,15 +85,19 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         world_size = fs_init.get_model_parallel_world_size()
+        # Under model parallelism each process holds n_heads/world_size query heads and the kv
+        # heads they use. With more processes than kv heads, each keeps its own copy of the one
+        # kv head its query heads share (the loader replicates it): n_kv_heads acts as world_size.
+        n_kv_heads = max(args.n_kv_heads, world_size)
         self.n_local_heads = args.n_heads // world_size
-        self.n_local_kv_heads = args.n_kv_heads // world_size
+        self.n_local_kv_heads = n_kv_heads // world_size
         self.head_dim = args.head_dim
 
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, bias=False,
                                        gather_output=False, init_method=_keep)
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, bias=False,
+        self.wk = ColumnParallelLinear(args.dim, n_kv_heads * args.head_dim, bias=False,
                                        gather_output=False, init_method=_keep)
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, bias=False,
+        self.wv = ColumnParallelLinear(args.dim, n_kv_heads * args.head_dim, bias=False,
                                        gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False,
                                     input_is_parallel=True, init_method=_keep)
@@ -160,9 +164,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         world_size = fs_init.get_model_parallel_world_size()
-        if args.n_heads % world_size or args.n_kv_heads % world_size:
-            raise ValueError(f"n_heads ({args.n_heads}) and n_kv_heads ({args.n_kv_heads}) must be "
-                             f"divisible by the model-parallel size ({world_size})")
+        if args.n_heads % world_size or (args.n_kv_heads % world_size and world_size % args.n_kv_heads):
+            raise ValueError(f"cannot split {args.n_heads} heads and {args.n_kv_heads} kv heads over {world_size} "
+                             f"processes: n_heads must be divisible by the number of processes, and n_kv_heads "
+                             f"a multiple or a divisor of it")
         self.params = args
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
@@ -183,6 +188,18 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache_k = torch.zeros(attn.cache_k.shape, device=device, dtype=dtype)
             attn.cache_v = torch.zeros(attn.cache_v.shape, device=device, dtype=dtype)
+
+    def reorder_cache(self, rows: torch.Tensor, end: int) -> None:
+        """Beam search: make cache row i a copy of row rows[i], positions < end, in every layer.
+
+        When beams are re-ranked, new beam i continues old beam rows[i]; its keys and values must
+        follow it. Two new beams may share one parent, so this is a gather, not a permutation.
+        """
+        n = len(rows)
+        for layer in self.layers:
+            for cache in (layer.attention.cache_k, layer.attention.cache_v):
+                # Indexing with a tensor copies the rows first, so overwriting in place is safe.
+                cache[:n, :end] = cache[rows, :end]  # (n, end, K, Hd)
 
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.

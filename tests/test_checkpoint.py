@@ -96,8 +96,8 @@ def corrupt(model_dir: Path, how: str):
         torch.save(sd, pth)
     elif how == "wrong_shape":
         (model_dir / "params.json").write_text(json.dumps(tiny_params(multiple_of=100)))
-    elif how == "two_shards":
-        (model_dir / "consolidated.01.pth").write_bytes(pth.read_bytes())
+    elif how == "mismatched_shards":
+        torch.save({"norm.weight": torch.ones(64)}, model_dir / "consolidated.01.pth")
     return model_dir
 
 
@@ -115,7 +115,7 @@ ERRORS = {
     "missing_tensor": r"does not match params.json: missing 1 tensors \(e.g. layers.1.feed_forward.w2.weight\)",
     "unexpected_tensor": r"does not match params.json: 1 unexpected tensors \(e.g. layers.2.attention.wq.weight\)",
     "wrong_shape": r"layers.0.feed_forward.w1.weight has shape \[192, 64\] but params.json implies \[200, 64\]",
-    "two_shards": r"holds 2 shards",
+    "mismatched_shards": r"consolidated.01.pth and .*consolidated.00.pth hold different tensor names",
 }
 
 
