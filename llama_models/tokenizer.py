@@ -1,5 +1,9 @@
-"""Llama 3's tokenizer: byte-level BPE over a base64 vocabulary file, run by tiktoken."""
+"""Llama 3's tokenizer: byte-level BPE over a base64 vocabulary file, run by tiktoken.
 
+Other byte-level BPE vocabularies (e.g. SmolLM2's, converted by tools/convert_gguf.py) load too,
+described by a tokenizer_config.json beside tokenizer.model."""
+
+import json
 import re
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterator, Literal, Sequence, Union
@@ -22,6 +26,13 @@ LLAMA3_NAMED_SPECIAL_TOKENS = [
 ]
 LLAMA3_NUM_SPECIAL_TOKENS = 256  # the named ones, then <|reserved_special_token_2|> ... up to 256
 
+# The keys of tokenizer_config.json, the sidecar a vocabulary other than Llama 3's needs (written
+# by tools/convert_gguf.py): pattern (the split regex), special_tokens ({text: id}; control tokens,
+# never produced from plain text), bos_token, eos_token, stop_tokens (texts), chat_format
+# ("llama3", "chatml" or null) and default_system_prompt (a string or null).
+CONFIG_KEYS = ("pattern", "special_tokens", "bos_token", "eos_token", "stop_tokens", "chat_format",
+               "default_system_prompt")
+
 # tiktoken's BPE is quadratic in the length of one piece, and a piece can be a whole run without
 # whitespace (tiktoken issue 195): a 400 KB string of letters would take minutes. Cutting every
 # run of whitespace or of non-whitespace into chunks of at most MAX_RUN_CHARS characters bounds
@@ -43,9 +54,46 @@ def _chunks(s: str) -> Iterator[str]:
         yield part[start:]
 
 
+def _llama3_config(n_base: int) -> dict:
+    """What a tokenizer.model without a tokenizer_config.json means: Llama 3's vocabulary, whose
+    256 special tokens follow the base tokens and are not listed in the file."""
+    names = LLAMA3_NAMED_SPECIAL_TOKENS + [
+        f"<|reserved_special_token_{i}|>"
+        for i in range(2, 2 + LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))
+    ]
+    return {
+        "pattern": LLAMA3_PATTERN,
+        "special_tokens": {name: n_base + i for i, name in enumerate(names)},
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>",
+        # Generation stops at any of these: end of text, end of message (tool call), end of turn.
+        "stop_tokens": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        "chat_format": "llama3",
+        "default_system_prompt": None,
+    }
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    named = [config["bos_token"], config["eos_token"], *config["stop_tokens"]]
+    unknown = [name for name in named if name not in config["special_tokens"]]
+    if unknown:
+        raise ValueError(f"{path}: {', '.join(unknown)} not among its special_tokens")
+    return config
+
+
 class Tokenizer:
     def __init__(self, model_path: Union[str, Path]):
         """Load a tokenizer.model: one `base64(token bytes) rank` pair per line.
+
+        A tokenizer_config.json beside it describes a vocabulary other than Llama 3's (see
+        CONFIG_KEYS); without one, the file is Llama 3's.
 
         Args:
             model_path: path to tokenizer.model (Llama 3's, or one written by our tools).
@@ -57,21 +105,24 @@ class Tokenizer:
             ranks = load_tiktoken_bpe(str(model_path))
         except Exception as e:  # tiktoken raises bare ValueError / binascii.Error on a bad line
             raise ValueError(f"{model_path} is not a base64 BPE vocabulary ({e})") from None
-        n_base = len(ranks)
-        names = LLAMA3_NAMED_SPECIAL_TOKENS + [
-            f"<|reserved_special_token_{i}|>"
-            for i in range(2, 2 + LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))
-        ]
-        self.special_tokens = {name: n_base + i for i, name in enumerate(names)}
+        config_path = model_path.with_name("tokenizer_config.json")
+        config = _read_config(config_path) if config_path.is_file() else _llama3_config(len(ranks))
+
+        self.special_tokens = config["special_tokens"]
         self.model = tiktoken.Encoding(
-            name=model_path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            name=model_path.name, pat_str=config["pattern"], mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
         self.n_words = self.model.n_vocab
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        # Generation stops at any of these: end of text, end of message (tool call), end of turn.
-        self.stop_tokens = [self.eos_id, self.special_tokens["<|eom_id|>"], self.special_tokens["<|eot_id|>"]]
+        self.bos_id = self.special_tokens[config["bos_token"]]
+        self.eos_id = self.special_tokens[config["eos_token"]]
+        self.stop_tokens = [self.special_tokens[name] for name in config["stop_tokens"]]
+        self.chat_format = config["chat_format"]  # "llama3", "chatml", or None (no chat template)
+        self.default_system_prompt = config["default_system_prompt"]  # used when a chat has none
+        # Bytes without a token of their own. tiktoken cannot encode them (it panics), while
+        # Hugging Face's BPE drops them. Llama 3 has all 256; SmolLM2 lacks 21: six ASCII
+        # control characters (e.g. \x04) and bytes that only unassigned or invalid code points use.
+        self._missing_bytes = frozenset(b for b in range(256) if bytes([b]) not in ranks)
 
     def encode(
         self,
@@ -96,6 +147,8 @@ class Tokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"encode() takes a str, got {type(s).__name__}")
+        if self._missing_bytes:
+            s = self._drop_missing_bytes(s)
         tokens = [self.bos_id] if bos else []
         for chunk in _chunks(s):
             tokens.extend(self.model.encode(chunk, allowed_special=allowed_special,
@@ -103,6 +156,11 @@ class Tokenizer:
         if eos:
             tokens.append(self.eos_id)
         return tokens
+
+    def _drop_missing_bytes(self, s: str) -> str:
+        def spellable(text):  # surrogatepass: tiktoken itself deals with lone surrogates
+            return self._missing_bytes.isdisjoint(text.encode("utf-8", "surrogatepass"))
+        return s if spellable(s) else "".join(c for c in s if spellable(c))
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Token ids to text; bytes that are not valid UTF-8 on their own become U+FFFD."""

@@ -29,3 +29,11 @@ def distributed():
 @pytest.fixture(scope="session")
 def llama3_tokenizer_path():
     return LLAMA3_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct, converted once per session from its GGUF into Meta's format."""
+    from tools.convert_gguf import convert
+
+    return convert(SMOLLM2_GGUF, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")

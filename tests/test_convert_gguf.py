@@ -1,0 +1,147 @@
+"""tools/convert_gguf.py on small GGUF files written here, and on broken ones."""
+
+import random
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import llama_models
+from conftest import REPO
+from llama_models import ModelArgs
+from tools.convert_gguf import ConversionError, _gpt2_bytes_to_unicode, convert, swiglu_params
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=160)
+CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_tiny_gguf(path, arch="llama", skip=()):
+    """A random Llama model as llama.cpp would write it: float32 tensors, a separate output
+    matrix, a byte-level vocabulary (3 control tokens, then the 256 bytes) and a ChatML template."""
+    rng = np.random.default_rng(0)
+    dim, hidden, kv_dim, vocab = TINY["dim"], TINY["ffn"], TINY["n_kv_heads"] * 16, len(CONTROL) + 256
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(TINY["n_layers"])
+    writer.add_embedding_length(dim)
+    writer.add_feed_forward_length(hidden)
+    writer.add_head_count(TINY["n_heads"])
+    writer.add_head_count_kv(TINY["n_kv_heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(CONTROL + list(_gpt2_bytes_to_unicode().values()))
+    writer.add_token_types([3] * len(CONTROL) + [1] * 256)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    # numpy shapes are (rows, columns): the PyTorch order; GGUF lists them reversed.
+    shapes = {"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim), "output_norm.weight": (dim,)}
+    for i in range(TINY["n_layers"]):
+        shapes.update({f"blk.{i}.attn_q.weight": (dim, dim), f"blk.{i}.attn_k.weight": (kv_dim, dim),
+                       f"blk.{i}.attn_v.weight": (kv_dim, dim), f"blk.{i}.attn_output.weight": (dim, dim),
+                       f"blk.{i}.ffn_gate.weight": (hidden, dim), f"blk.{i}.ffn_up.weight": (hidden, dim),
+                       f"blk.{i}.ffn_down.weight": (dim, hidden), f"blk.{i}.attn_norm.weight": (dim,),
+                       f"blk.{i}.ffn_norm.weight": (dim,)})
+    tensors = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items() if name not in skip}
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+def test_tiny_model_converts_and_loads(tmp_path):
+    tensors = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "consolidated.00.pth", "params.json", "tokenizer.model", "tokenizer_config.json"]
+    model, tokenizer = llama_models.load(out, device="cpu", dtype=torch.float32)
+    assert model.params.ffn_hidden_dim == TINY["ffn"]
+    state = model.state_dict()
+    # No tensor is reordered: GGUF's wq and wk are already in Meta's rotary layout.
+    for gguf_name, meta_name in [("blk.1.attn_q.weight", "layers.1.attention.wq.weight"),
+                                 ("blk.0.attn_k.weight", "layers.0.attention.wk.weight"),
+                                 ("blk.1.ffn_down.weight", "layers.1.feed_forward.w2.weight"),
+                                 ("output.weight", "output.weight")]:
+        expected = torch.from_numpy(tensors[gguf_name]).bfloat16().float()
+        assert torch.equal(state[meta_name], expected), meta_name
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.n_words) == (1, 2, 259)
+    assert tokenizer.decode(tokenizer.encode("héllo 123", bos=False, eos=False)) == "héllo 123"
+    chat = llama_models.ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": "hi"}])
+    assert tokenizer.decode(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("dim, hidden", [(576, 1536), (2048, 8192), (4096, 14336), (2048, 5632), (4096, 11008),
+                                         (960, 2560), (64, 160), (3072, 8192)])
+def test_swiglu_params_reproduce_the_hidden_size(dim, hidden):
+    args = ModelArgs(dim=dim, n_layers=1, n_heads=1, vocab_size=1, **swiglu_params(dim, hidden))
+    assert args.ffn_hidden_dim == hidden
+
+
+def test_swiglu_params_random_shapes():
+    rng = random.Random(0)
+    for _ in range(2000):
+        dim, hidden = 2 * rng.randint(4, 8192), rng.randint(2, 65536)  # head_dim = dim must be even
+        args = ModelArgs(dim=dim, n_layers=1, n_heads=1, vocab_size=1, **swiglu_params(dim, hidden))
+        assert args.ffn_hidden_dim == hidden, (dim, hidden)
+
+
+def broken_files(tmp_path):
+    """name -> (path of a file the converter must refuse, what its error says)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    files = {"metadata cut": (data[:2000], "not a readable GGUF"),
+             "tensor data cut": (data[:len(data) * 2 // 3], "not a readable GGUF"),
+             "garbage": (bytes(random.Random(0).randbytes(5000)), "not a readable GGUF")}
+    paths = {}
+    for name, (content, message) in files.items():
+        path = tmp_path / (name.replace(" ", "_") + ".gguf")
+        path.write_bytes(content)
+        paths[name] = (path, message)
+    write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    paths["not llama"] = (tmp_path / "gpt2.gguf", "architecture is 'gpt2'")
+    write_tiny_gguf(tmp_path / "incomplete.gguf", skip={"blk.1.ffn_up.weight"})
+    paths["tensor missing"] = (tmp_path / "incomplete.gguf", "layers.1.feed_forward.w3.weight")
+    return paths
+
+
+def test_broken_files_give_a_clear_error_and_leave_nothing(tmp_path):
+    for name, (path, message) in broken_files(tmp_path).items():
+        out = tmp_path / "out" / "model"
+        with pytest.raises(ConversionError, match=message):
+            convert(path, out)
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), name
+
+
+def test_cli_error_is_one_line(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(100))
+    result = subprocess.run([sys.executable, "tools/convert_gguf.py", str(tmp_path / "bad.gguf"), str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_directory_is_never_rebuilt(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(tmp_path / "tiny.gguf", out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+
+def test_broken_tokenizer_config_is_reported(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    config = out / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"eos_token"', '"eos"'))
+    with pytest.raises(llama_models.CheckpointError, match="tokenizer_config.json lacks eos_token"):
+        llama_models.load(out, device="cpu")
