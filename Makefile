@@ -22,7 +22,7 @@ $(VENV)/.runtime: requirements.txt
 	$(PIP) -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-convert.txt
 	$(PIP) -r requirements-dev.txt
 	touch $@
 

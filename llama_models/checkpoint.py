@@ -1,7 +1,10 @@
 """Load a Meta-format checkpoint directory: params.json, consolidated.00.pth, tokenizer.model."""
 
+import ctypes
 import json
+import mmap
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
@@ -12,6 +15,7 @@ import torch
 from .args import ModelArgs
 from .distributed import init_distributed
 from .model import Transformer
+from .quantize import quantize_int8
 from .tokenizer import Tokenizer
 
 
@@ -158,6 +162,24 @@ def _check_tensors(model: Transformer, state_dict: dict, path: Path) -> None:
                                   f"{list(shape)}")
 
 
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a tensor mmapped from a checkpoint out of this process's memory.
+
+    Once its contents are no longer needed (say, after quantizing it) the pages are still mapped
+    and count against the process until the whole file is unmapped. madvise(MADV_DONTNEED)
+    gives them back now; if touched again they are simply re-read from the file. Only for
+    tensors that come from a read-only file mapping; a no-op where madvise does not exist.
+    """
+    if sys.platform not in ("linux", "darwin"):
+        return
+    # Only whole pages inside the tensor: a page it shares with a neighbour must stay.
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+
+
 def load(
     model_dir: Union[str, Path],
     *,
@@ -165,6 +187,7 @@ def load(
     dtype: Optional[torch.dtype] = None,
     max_seq_len: int = 2048,
     max_batch_size: int = 1,
+    quantize: Optional[str] = None,
 ) -> tuple[Transformer, Tokenizer]:
     """Build the model and tokenizer of a Meta-format checkpoint directory.
 
@@ -175,6 +198,8 @@ def load(
         dtype: weights' and KV cache's dtype; default: default_dtype(device).
         max_seq_len: longest prompt + generation the KV cache holds.
         max_batch_size: rows of the KV cache (the beam width, for beam search).
+        quantize: None, or "int8": weight-only int8 linear layers (llama_models.quantize), made
+            at load time from the checkpoint; activations and the KV cache stay in `dtype`.
     Returns:
         (model, tokenizer). The model is in eval mode; wrap calls in torch.inference_mode()
         unless you want gradients.
@@ -226,6 +251,12 @@ def load(
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
     model.load_state_dict(state_dict, strict=True, assign=True)
+    if quantize == "int8":
+        # Quantize straight from the mmapped file, releasing each bf16 weight's pages once it is
+        # done, so the full-precision model is never in memory at once.
+        quantize_int8(model, dtype, release=release_pages)
+    elif quantize is not None:
+        raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
     model.setup_cache(device, dtype)
     model.to(device=device, dtype=dtype)  # no copy when the checkpoint is already there in dtype
     return model.eval(), tokenizer
