@@ -1,5 +1,6 @@
 """Start torch.distributed and fairscale's model parallelism, which the model's layers need."""
 
+import atexit
 import contextlib
 import io
 import os
@@ -23,6 +24,9 @@ def init_distributed(device: torch.device) -> None:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # Leave the group before the interpreter exits: a process that exits with gloo's
+        # threads still running can die with "terminate called without an active exception".
+        atexit.register(dist.destroy_process_group)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not model_parallel_is_initialized():

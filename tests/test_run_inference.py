@@ -1,0 +1,336 @@
+"""run_inference.py: beam search and greedy against transformers' generate(), sampling against its
+logits warpers, streaming, the command line end to end."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_models
+import run_inference
+from helpers import checkpoint, fp32_state_dict, hf_llama
+from llama_models import ModelArgs
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_BEAMS = 5
+
+
+def sharpened_checkpoint(tmp_path, seed):
+    """A random tiny checkpoint whose output layer is 10x the usual scale.
+
+    At the usual init the next-token distribution is nearly flat (log-probs within 1e-3 of each
+    other), so candidates' scores could tie within float32 noise and the two implementations could
+    legitimately rank them differently. Larger logits spread them apart, and the beams diverge.
+    """
+    model_dir = checkpoint(tmp_path, seed=seed)
+    path = model_dir / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["output.weight"] = state_dict["output.weight"] * 10
+    torch.save(state_dict, path)
+    return model_dir
+
+
+def ours_and_hf(model_dir, max_batch_size=MAX_BEAMS, max_seq_len=64):
+    """Our model (float32, so that both sides compute in the same precision) and transformers'."""
+    model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=max_seq_len,
+                                         max_batch_size=max_batch_size)
+    args = ModelArgs.from_params(json.loads((model_dir / "params.json").read_text()), max_seq_len=max_seq_len)
+    return model, tokenizer, hf_llama(args, fp32_state_dict(model_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two sharpened tiny models, ours and transformers', with a prompt each."""
+    models = []
+    for seed in (1, 2):
+        model, tokenizer, hf = ours_and_hf(sharpened_checkpoint(tmp_path_factory.mktemp(f"seed{seed}"), seed))
+        models.append((model, hf, tokenizer.encode(f"Seed {seed}: once upon", bos=True, eos=False)))
+    return models
+
+
+def hf_beam_search(hf, prompt, *, beam_width, max_new_tokens, stop_tokens, length_penalty, early_stopping):
+    """transformers' n-best list: [(generated tokens, score)], best first."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          num_beams=beam_width, num_return_sequences=beam_width, do_sample=False,
+                          length_penalty=length_penalty, early_stopping=early_stopping,
+                          max_new_tokens=max_new_tokens, eos_token_id=stop_tokens or None,
+                          pad_token_id=stop_tokens[0] if stop_tokens else 0,
+                          return_dict_in_generate=True, output_scores=True)
+    # beam_indices holds -1 past a hypothesis' end: its length, independent of the padding.
+    lengths = (out.beam_indices >= 0).sum(dim=1).tolist()
+    return [(out.sequences[i, len(prompt):len(prompt) + n].tolist(), float(out.sequences_scores[i]))
+            for i, n in enumerate(lengths)]
+
+
+def assert_same_hypotheses(ours, theirs):
+    assert [tokens for tokens, _ in ours] == [tokens for tokens, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (a, b)
+
+
+@pytest.mark.parametrize("beam_width", [2, 4, 5])
+def test_beam_search_equals_transformers(tiny, beam_width):
+    max_new_tokens, kinds = 8, set()
+    for model, hf, prompt in tiny:
+        def compare(stop_tokens, length_penalty, early_stopping):
+            kwargs = dict(beam_width=beam_width, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                          length_penalty=length_penalty, early_stopping=early_stopping)
+            theirs = hf_beam_search(hf, prompt, **kwargs)
+            assert_same_hypotheses(run_inference.beam_search(model, prompt, **kwargs), theirs)
+            if any(tokens[-1] in stop_tokens and len(tokens) < max_new_tokens for tokens, _ in theirs):
+                kinds.add("stop token")
+            if any(len(tokens) == max_new_tokens for tokens, _ in theirs):
+                kinds.add("limit")
+            if all(len(tokens) < max_new_tokens for tokens, _ in theirs):
+                kinds.add("ended early")
+            return theirs
+
+        # No stop token: every beam runs to the limit; early_stopping cannot matter.
+        free = [compare([], length_penalty, False) for length_penalty in (0.5, 1.0, 2.0)][1]
+        # Stop ids the beams are likely to hit: the tokens that the hypotheses of the run without
+        # stop ids have at step 3 (their step-3 beams then finish at once); and those at step 5
+        # plus two more ids, as Llama 3 has three, so that (1 + n) * K candidates are kept.
+        for stop_tokens in (sorted({tokens[2] for tokens, _ in free}),
+                            sorted({tokens[4] for tokens, _ in free}) + [300, 301]):
+            for length_penalty in (0.5, 1.0, 2.0):
+                for early_stopping in (True, False, "never"):
+                    compare(stop_tokens, length_penalty, early_stopping)
+    # With 5 beams on the seed-2 model, the pool fills at step 6 and the search ends before the
+    # limit: the stopping rules are exercised, not only the length limit.
+    assert kinds == {"stop token", "limit"} | ({"ended early"} if beam_width == 5 else set())
+
+
+def test_greedy_equals_transformers(tiny):
+    for model, hf, prompt in tiny:
+        for stop_tokens in ([], [300]):
+            with torch.no_grad():
+                theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                     do_sample=False, max_new_tokens=20, eos_token_id=stop_tokens or None,
+                                     pad_token_id=0)[0, len(prompt):].tolist()
+            ours = list(run_inference.greedy(model, prompt, max_new_tokens=20, stop_tokens=stop_tokens))
+            assert ours == theirs
+
+
+def test_sampling_with_temperature_zero_is_greedy(tiny):
+    model, _, prompt = tiny[0]
+    greedy = list(run_inference.greedy(model, prompt, max_new_tokens=10, stop_tokens=[]))
+    sampled = run_inference.sample(model, prompt, max_new_tokens=10, stop_tokens=[], temperature=0, top_k=0,
+                                   top_p=1.0, seed=0)
+    assert list(sampled) == greedy
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    model, _, prompt = tiny[0]
+
+    def draw(seed):
+        return list(run_inference.sample(model, prompt, max_new_tokens=20, stop_tokens=[], temperature=1.0,
+                                         top_k=0, top_p=0.95, seed=seed))
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def hf_sampling_distribution(logits, temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    # The order generate() applies them in; top_k=0 would be rejected by TopKLogitsWarper, and
+    # generate() skips it then, as we do.
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    warpers.append(TopPLogitsWarper(top_p))
+    return warpers(None, logits[None])[0].softmax(dim=-1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 40, 1.0), (0.5, 20, 0.8), (1.0, 5, 0.99), (2.0, 0, 0.3), (0.9, 100, 0.6),
+])
+def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, top_p):
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    # A tie at the k-th value: both tokens must be kept, as transformers does.
+    kth = logits.topk(max(top_k, 1)).indices[-1]
+    logits[0] = logits[kth]
+    # The top-p cut (on the distribution after temperature and top-k) must not sit within float32
+    # noise of a boundary between two tokens, or either answer would be right.
+    mass = hf_sampling_distribution(logits, temperature, top_k, 1.0).sort(descending=True).values.cumsum(dim=0)
+    assert (mass - top_p).abs().min() > 1e-4 or top_p == 1.0
+    ours = run_inference.sampling_distribution(logits, temperature, top_k, top_p)
+    theirs = hf_sampling_distribution(logits, temperature, top_k, top_p)
+    assert (ours - theirs).abs().max() < 1e-6
+    assert 0 < (ours > 0).sum() < 1000 or (top_k == 0 and top_p == 1.0)
+
+
+# --- a model that writes a known text, for streaming and the command line ---------------------
+
+CYCLE_TEXT = "🦙 世界!"  # 12 distinct bytes: a 4-byte emoji, two 3-byte CJK ideographs, ASCII
+
+
+def cycle_checkpoint(tmp_path):
+    """A tiny checkpoint whose greedy continuation of any byte of CYCLE_TEXT is the next byte,
+    wrapping around: the text repeats for ever, each multi-byte character split across tokens.
+
+    The attention and feed-forward outputs are zeroed, so the final hidden state is the current
+    token's (normalised) embedding; row b' of the output layer is the embedding of the byte b that
+    precedes b' in the text, so b' gets by far the highest logit.
+    """
+    model_dir = checkpoint(tmp_path, seed=3)
+    path = model_dir / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    for name in state_dict:
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            state_dict[name] = torch.zeros_like(state_dict[name])
+        if name.endswith("norm.weight"):
+            state_dict[name] = torch.ones_like(state_dict[name])
+    embeddings = torch.nn.functional.normalize(state_dict["tok_embeddings.weight"].float(), dim=-1)
+    output = torch.zeros_like(embeddings)
+    text = CYCLE_TEXT.encode()
+    for byte, next_byte in zip(text, text[1:] + text[:1]):
+        output[next_byte] = 3 * embeddings[byte]  # logit 24 vs at most ~5 for any other token
+    state_dict["tok_embeddings.weight"] = embeddings.to(torch.bfloat16)
+    state_dict["output.weight"] = output.to(torch.bfloat16)
+    torch.save(state_dict, path)
+    return model_dir
+
+
+def cycle_continuation(last_byte: int, n: int) -> bytes:
+    """The n bytes the cycle model writes after `last_byte`: the oracle, by construction."""
+    text = CYCLE_TEXT.encode()
+    start = text.index(last_byte) + 1
+    return (text * (n // len(text) + 2))[start:start + n]
+
+
+@pytest.fixture(scope="module")
+def cycle_dir(tmp_path_factory):
+    return cycle_checkpoint(tmp_path_factory.mktemp("cycle"))
+
+
+@pytest.mark.parametrize("n", [24, 26])  # 26 ends inside a character: U+FFFD on both sides
+def test_streamed_text_equals_decoded_text(cycle_dir, n):
+    model, tokenizer = llama_models.load(cycle_dir, device="cpu", max_seq_len=64)
+    prompt = tokenizer.encode("🦙", bos=True, eos=False)
+    pieces = []
+    tokens = run_inference.stream_text(
+        tokenizer, run_inference.greedy(model, prompt, max_new_tokens=n, stop_tokens=tokenizer.stop_tokens),
+        tokenizer.stop_tokens, pieces.append)
+    assert bytes(tokens) == cycle_continuation(prompt[-1], n)
+    assert "".join(pieces) == tokenizer.decode(tokens)
+    assert "".join(pieces) == cycle_continuation(prompt[-1], n).decode(errors="replace")
+    assert "世界" in "".join(pieces) and "🦙" in "".join(pieces)
+
+
+# --- the command line, in subprocesses ----------------------------------------------------------
+
+def start_script(*args):
+    return subprocess.Popen([sys.executable, "run_inference.py", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+def test_each_decoding_mode_end_to_end(cycle_dir, tmp_path):
+    plain = ["--model-dir", str(cycle_dir), "--prompt", "🦙", "--max-new-tokens", "16", "--no-chat"]
+    instruct_dir = tmp_path / "Tiny-Instruct"  # chat mode by default, from the folder name
+    instruct_dir.symlink_to(cycle_dir)
+    runs = {  # all at once: each run is mostly Python and torch starting up
+        "greedy": start_script(*plain),
+        "greedy --show-top": start_script(*plain, "--show-top", "3"),
+        "sample": start_script(*plain, "--decoding", "sample", "--temperature", "1.0", "--top-k", "0",
+                               "--top-p", "0.5", "--seed", "7"),
+        "beam": start_script(*plain, "--decoding", "beam", "--beam-width", "3"),
+        "beam --show-top": start_script(*plain, "--decoding", "beam", "--beam-width", "2", "--show-top", "2"),
+        "chat": start_script("--model-dir", str(instruct_dir), "--prompt", "hi", "--system", "be brief",
+                             "--max-new-tokens", "4"),
+    }
+    results = {name: finish(process) for name, process in runs.items()}
+    for name, (code, stdout, stderr) in results.items():
+        assert code == 0 and "Traceback" not in stderr, (name, stderr)
+        for stat in ("load:", "prompt:", "prefill:", "decode:", "peak memory:", "parameters", "KV cache"):
+            assert stat in stderr, (name, stat, stderr)
+    expected = "🦙" + cycle_continuation(CYCLE_TEXT.encode()[3], 16).decode(errors="replace")
+    assert results["greedy"][1] == expected + "\n"
+    assert results["greedy --show-top"][1].endswith(expected + "\n")
+    assert results["greedy --show-top"][1].count("-> ") == 16
+    # top-p 0.5 keeps only the successor byte, whose probability is near 1: sampling is greedy here.
+    assert results["sample"][1] == expected + "\n"
+    # The best hypothesis follows the cycle, and its score is its average log-probability, near 0.
+    best = results["beam"][1].split("\n")
+    assert best[0].startswith("#1  score ") and -1e-3 < float(best[0].split()[2]) <= 0
+    assert best[1] == expected.removeprefix("🦙")
+    assert "step 16: 2/2 finished" in results["beam --show-top"][1]
+    assert "chat, greedy decoding" in results["chat"][2]
+
+
+@pytest.mark.parametrize("model_args", [["--decoding", "greedy"], ["--decoding", "beam", "--beam-width", "2"]])
+def test_ctrl_c_prints_what_was_generated_and_exits_cleanly(cycle_dir, model_args):
+    process = start_script("--model-dir", str(cycle_dir), "--prompt", "🦙", "--max-new-tokens", "100000",
+                           "--max-seq-len", "100010", "--no-chat", "--show-top", "1", *model_args)
+    # Wait for a few steps' lines, then interrupt mid-generation.
+    first_lines = [process.stdout.readline() for _ in range(5)]
+    process.send_signal(signal.SIGINT)
+    code, stdout, stderr = finish(process)
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert "[interrupted]" in stderr and "decode:" in stderr
+    assert first_lines[0].startswith(("->", "step 1"))
+    if "beam" in model_args:
+        assert "best running beam so far" in stdout
+
+
+BAD_INPUT = {
+    "--beam-width must be at least 1, got 0": ["--decoding", "beam", "--beam-width", "0"],
+    "--top-p must be in (0, 1], got 1.5": ["--top-p", "1.5"],
+    "--top-p must be in (0, 1], got 0.0": ["--top-p", "0"],
+    "--temperature must be 0 or more, got -1.0": ["--temperature", "-1"],
+    "--top-k must be 0 (off) or more, got -2": ["--top-k", "-2"],
+    "--max-new-tokens must be at least 1, got 0": ["--max-new-tokens", "0"],
+    "--show-top must be 0 (off) or more, got -1": ["--show-top", "-1"],
+    "the prompt is empty": ["--prompt", " "],
+    "the prompt is 21 tokens, which leaves no room for new ones in --max-seq-len 16":
+        ["--prompt", "x" * 20, "--no-chat", "--max-seq-len", "16"],
+    "device 'cuda:3' is not available on this machine": ["--device", "cuda:3"],
+}
+
+
+@pytest.mark.parametrize("message", BAD_INPUT)
+def test_bad_input_names_the_problem(cycle_dir, message):
+    with pytest.raises(SystemExit) as exit_info:  # sys.exit(text): Python prints text, exits with 1
+        run_inference.main(["--model-dir", str(cycle_dir), *BAD_INPUT[message]])
+    assert exit_info.value.code == f"error: {message}"
+
+
+def test_bad_input_is_one_line_on_stderr(cycle_dir, tmp_path):
+    runs = [start_script("--model-dir", str(cycle_dir), *BAD_INPUT[message])
+            for message in ("--beam-width must be at least 1, got 0", "the prompt is empty",
+                            "device 'cuda:3' is not available on this machine")]
+    missing = start_script("--model-dir", str(tmp_path / "nowhere"))
+    for process in runs:
+        code, stdout, stderr = finish(process)
+        assert code == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1 and stdout == ""
+    code, _, stderr = finish(missing)
+    assert code == 1 and "Traceback" not in stderr
+    assert str(tmp_path / "nowhere") in stderr and "llama model download" in stderr and "make demo" in stderr
+
+
+# --- a real model ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_dir):
+    return ours_and_hf(smollm2_dir, max_batch_size=4, max_seq_len=128)
+
+
+@pytest.mark.parametrize("beam_width, length_penalty, early_stopping", [(4, 1.0, False), (2, 2.0, "never"),
+                                                                         (3, 0.5, True)])
+def test_beam_search_on_smollm2_equals_transformers(smollm2_pair, beam_width, length_penalty, early_stopping):
+    model, tokenizer, hf = smollm2_pair
+    prompt = llama_models.ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": "Name a colour."}])
+    kwargs = dict(beam_width=beam_width, max_new_tokens=6, stop_tokens=tokenizer.stop_tokens,
+                  length_penalty=length_penalty, early_stopping=early_stopping)
+    theirs = hf_beam_search(hf, prompt, **kwargs)
+    assert_same_hypotheses(run_inference.beam_search(model, prompt, **kwargs), theirs)
