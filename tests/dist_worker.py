@@ -1,20 +1,26 @@
-"""Run under torchrun (or plain python) by test_model_parallel.py: load a checkpoint, compute
-float32 logits of a fixed prompt and 12 greedy tokens, and let rank 0 save them to OUT."""
+"""Run under torchrun (or plain python) by test_model_parallel.py: load a checkpoint, then let
+rank 0 save to OUT the float32 logits of a fixed prompt, and the tokens of greedy decoding,
+seeded sampling and beam search (run_inference's functions)."""
 
 import sys
 
 import torch
 
 import llama_models
+import run_inference
 
 model_dir, out = sys.argv[1], sys.argv[2]
-model, _ = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=64)
-prompt = torch.arange(1, 21).remainder(model.params.vocab_size)[None]  # (1, 20)
+model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=64, max_batch_size=3)
+prompt = [int(t) for t in torch.arange(1, 21).remainder(model.params.vocab_size)]
+common = dict(max_new_tokens=12, stop_tokens=tokenizer.stop_tokens)
 with torch.inference_mode():
-    logits = model(prompt, 0)
-    tokens, step = [], logits
-    for pos in range(20, 32):
-        tokens.append(int(step[0, -1].argmax()))
-        step = model(torch.tensor([[tokens[-1]]]), pos)
+    logits = model(torch.tensor([prompt]), 0)
+results = {
+    "logits": logits,
+    "greedy": list(run_inference.greedy(model, prompt, **common)),
+    "sample": list(run_inference.sample(model, prompt, temperature=1.0, top_k=50, top_p=0.95, seed=3, **common)),
+    "beam": run_inference.beam_search(model, prompt, beam_width=3, **common),
+    "world_size": torch.distributed.get_world_size(),
+}
 if torch.distributed.get_rank() == 0:
-    torch.save({"logits": logits, "tokens": tokens, "world_size": torch.distributed.get_world_size()}, out)
+    torch.save(results, out)

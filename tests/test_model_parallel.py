@@ -1,4 +1,5 @@
-"""Sharded checkpoints and model parallelism over gloo (CPU, loopback), through torchrun."""
+"""Sharded checkpoints and model parallelism over gloo (CPU, loopback), through torchrun: the same
+logits, greedy, sampled and beam-search tokens whatever the layout."""
 
 import os
 import subprocess
@@ -28,8 +29,10 @@ def run_worker(model_dir, out, nproc):
 
 
 def assert_same(a, b):
-    assert a["tokens"] == b["tokens"]
     assert (a["logits"] - b["logits"]).abs().max().item() <= 1e-4
+    assert a["greedy"] == b["greedy"] and a["sample"] == b["sample"]
+    assert [tokens for tokens, _ in a["beam"]] == [tokens for tokens, _ in b["beam"]]
+    assert all(abs(x - y) <= 1e-4 for (_, x), (_, y) in zip(a["beam"], b["beam"]))
 
 
 @pytest.fixture(scope="module")
