@@ -1,0 +1,151 @@
+"""Write a Meta-format checkpoint as a GGUF file for llama.cpp, at F32, BF16 or Q8_0.
+
+    python tools/write_gguf.py META_DIR OUT.gguf --type Q8_0
+    python tools/write_gguf.py SmolLM2-dir smollm2-f32.gguf --type F32 --vocab-from SmolLM2.Q4_1.gguf
+
+The benchmarks compare our model with llama.cpp on the *same weights*, so the GGUF is made from
+our checkpoint rather than downloaded. The tokenizer metadata is copied from another GGUF file
+(--vocab-from; e.g. SmolLM2's own), or else built from a Llama 3 tokenizer.model. Either way the
+benchmarks feed token ids, never text, so only the vocabulary's size and special tokens matter.
+
+q and k stay in Meta's rotary layout, which is llama.cpp's too (its converter undoes Hugging
+Face's permutation). Norms are always F32, as in llama.cpp's own files.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import gguf
+import numpy
+import torch
+from gguf.quants import quantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_models.args import ModelArgs  # noqa: E402
+from llama_models.model import rope_frequencies  # noqa: E402
+from llama_models.tokenizer import Tokenizer  # noqa: E402
+from tools.convert_gguf import (CONTROL_TOKEN, GLOBAL_TENSORS, LAYER_TENSORS, NORMAL_TOKEN,  # noqa: E402
+                                _gpt2_bytes_to_unicode)
+
+TYPES = {"F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+         "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+         "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+# Meta's tensor names -> llama.cpp's: the inverse of the converter's tables.
+META_TO_GGUF = {meta: name for name, meta in GLOBAL_TENSORS.items()}
+META_LAYER_TO_GGUF = {meta: name for name, meta in LAYER_TENSORS.items()}
+
+
+def gguf_name(meta_name: str) -> str:
+    if meta_name in META_TO_GGUF:
+        return META_TO_GGUF[meta_name]
+    _, layer, *module, _ = meta_name.split(".")  # layers.3.attention.wq.weight
+    return f"blk.{layer}.{META_LAYER_TO_GGUF['.'.join(module)]}.weight"
+
+
+def add_params(writer: gguf.GGUFWriter, args: ModelArgs) -> None:
+    # The training context only makes llama.cpp warn beyond it: Llama 3.1+ (scaled RoPE) has
+    # 128K, Llama 3 8K.
+    writer.add_context_length(131072 if args.use_scaled_rope else 8192)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.ffn_hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_vocab_size(args.vocab_size)
+
+
+def rope_freq_factors(args: ModelArgs) -> numpy.ndarray:
+    """llama.cpp's rope_freqs tensor: how much slower each pair rotates under Llama 3.1's scaling.
+
+    llama.cpp divides each base frequency by this factor, which is how its own converter
+    expresses Llama 3.1/3.2 RoPE scaling (there is no metadata key for it).
+    """
+    plain = rope_frequencies(dataclasses.replace(args, use_scaled_rope=False))
+    return (plain / rope_frequencies(args)).numpy()
+
+
+def copy_vocab(writer: gguf.GGUFWriter, path: Path) -> None:
+    """Every tokenizer.* key of another GGUF file, unchanged."""
+    for key, field in gguf.GGUFReader(path).fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub_type)
+
+
+def llama3_vocab(writer: gguf.GGUFWriter, path: Path) -> None:
+    """A GPT-2-style vocabulary built from a Llama 3 tokenizer.model.
+
+    GGUF spells each token's bytes with GPT-2's printable stand-ins (b" " as "Ġ"), as in
+    llama.cpp's Llama 3 files. llama.cpp insists on a merges list; one merge is enough since no
+    text is ever tokenized here.
+    """
+    tokenizer = Tokenizer(path)
+    special = set(tokenizer.special_tokens.values())
+    byte_to_char = _gpt2_bytes_to_unicode()
+    tokens, types = [], []
+    for token_id in range(tokenizer.n_words):
+        if token_id in special:
+            tokens.append(tokenizer.decode([token_id]))
+            types.append(CONTROL_TOKEN)
+        else:
+            data = tokenizer.model.decode_single_token_bytes(token_id)
+            tokens.append("".join(byte_to_char[b] for b in data))
+            types.append(NORMAL_TOKEN)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(["Ġ Ġ"])
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+
+
+def write_gguf(model_dir: Path, out: Path, type_name: str, vocab_from: Path = None) -> None:
+    qtype, file_type = TYPES[type_name]
+    args = ModelArgs.from_params(json.loads((model_dir / "params.json").read_text()))
+    state_dict = torch.load(model_dir / "consolidated.00.pth", mmap=True, weights_only=True)
+    tmp = out.with_name(out.name + ".tmp")
+    # use_temp_file: tensors are spooled to disk as they are added, not held in memory (the F32
+    # file of a 1B model is 6 GB).
+    writer = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
+    writer.add_name(model_dir.name)
+    writer.add_file_type(file_type)
+    add_params(writer, args)
+    if vocab_from is not None:
+        copy_vocab(writer, vocab_from)
+    else:
+        llama3_vocab(writer, model_dir / "tokenizer.model")
+    if args.use_scaled_rope:
+        writer.add_tensor("rope_freqs.weight", rope_freq_factors(args))
+    for name, tensor in state_dict.items():
+        data = tensor.float().numpy()
+        tensor_type = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(gguf_name(name), quantize(data, tensor_type), raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(out)  # out exists only once complete
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path, help="Meta-format checkpoint directory (one shard)")
+    parser.add_argument("out", type=Path, help="the .gguf file to write")
+    parser.add_argument("--type", choices=sorted(TYPES), required=True, help="type of the 2-D weights")
+    parser.add_argument("--vocab-from", type=Path, help="GGUF file to copy the tokenizer metadata from "
+                        "(default: build it from the checkpoint's Llama 3 tokenizer.model)")
+    opts = parser.parse_args()
+    write_gguf(opts.model_dir, opts.out, opts.type, opts.vocab_from)
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
