@@ -3,6 +3,7 @@
 Edit the globals below and run it, or override them with flags:
     python minimal_run_inference.py
     python minimal_run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --prompt "Once upon a time"
+    python minimal_run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --max-memory 4GB   # 16 GB of weights
     torchrun --nproc_per_node 2 minimal_run_inference.py   # the model split over 2 processes
 """
 
@@ -23,6 +24,10 @@ LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `ll
 INPUT_STRING = "The capital of France is"  # plain completion: the model continues this text
 DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
+# A model bigger than memory: None keeps every weight in memory; a budget such as "4GB" keeps the
+# process within it by reading transformer blocks from the checkpoint file as they run, the next
+# ones read ahead while the current one computes (CPU, Linux). Each token then reads the file once.
+MAX_MEMORY = None
 
 
 def main():
@@ -32,12 +37,14 @@ def main():
     parser.add_argument("--prompt", default=INPUT_STRING, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="most tokens to generate")
     parser.add_argument("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--max-memory", default=MAX_MEMORY,
+                        help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
     args = parser.parse_args()
 
     try:
         device = llama_models.resolve_device(args.device)
         start = time.perf_counter()
-        model, tokenizer = llama_models.load(args.model_dir, device=device)
+        model, tokenizer = llama_models.load(args.model_dir, device=device, max_memory=args.max_memory)
     except (ValueError, llama_models.CheckpointError) as e:
         missing = isinstance(e, llama_models.CheckpointError) and not args.model_dir.joinpath("params.json").exists()
         sys.exit(MISSING_CHECKPOINT.format(error=e, name=MODEL_NAME) if missing else f"error: {e}")

@@ -11,6 +11,7 @@ Edit the globals below and run it, or override them with flags:
     python run_inference.py --decoding sample --temperature 0.7 --top-p 0.9 --seed 1
     python run_inference.py --decoding beam --beam-width 4 --length-penalty 1.0
     python run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --no-chat --dtype float32
+    python run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --no-chat --max-memory 4GB
     python run_inference.py --chat --system "Answer in one word." --prompt "Capital of Peru?"
 """
 
@@ -48,6 +49,11 @@ DTYPE = None  # "float32", "bfloat16", "float16"; None: the device's default (bf
 # "int8": store the linear layers' weights in 1 byte each (per-row scales), made at load time.
 # Decoding reads every weight once per token, so this halves the bytes read per token vs bf16.
 QUANTIZE = None
+# A model bigger than memory: None keeps every weight in memory; a budget such as "4GB" keeps the
+# process within it by reading transformer blocks from the checkpoint file as they run, the next
+# ones read ahead while the current one computes (CPU, Linux). Each forward pass then reads the
+# file once, for the whole prompt (prefill) or all beams (beam search) at a time.
+MAX_MEMORY = None
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
 MAX_SEQ_LEN = 2048  # prompt + new tokens; the KV cache is allocated for this many positions
 
@@ -411,6 +417,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--dtype", choices=["float32", "bfloat16", "float16"], default=DTYPE,
         help="weights and KV cache dtype (default: bfloat16 on CPU)")
     add("--quantize", choices=["int8"], default=QUANTIZE, help="weight-only int8 linear layers (one process only)")
+    add("--max-memory", default=MAX_MEMORY,
+        help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
     add("--decoding", choices=["greedy", "sample", "beam"], default=DECODING, help="how to pick tokens")
     add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")
     add("--top-k", type=int, default=TOP_K, help="sample: keep the k most likely tokens; 0 = all")
@@ -455,7 +463,7 @@ def main(argv=None):
         model, tokenizer = llama_models.load(
             args.model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
             max_seq_len=args.max_seq_len, max_batch_size=args.beam_width if args.decoding == "beam" else 1,
-            quantize=args.quantize)
+            quantize=args.quantize, max_memory=args.max_memory)
         load_s = time.perf_counter() - start
         prompt_tokens = encode_prompt(tokenizer, args.prompt, args.chat, args.system)
         if len(prompt_tokens) >= args.max_seq_len:

@@ -3,6 +3,7 @@
 import ctypes
 import json
 import mmap
+import os
 import pickle
 import sys
 import zipfile
@@ -162,13 +163,34 @@ def _check_tensors(model: Transformer, state_dict: dict, path: Path) -> None:
                                   f"{list(shape)}")
 
 
-def release_pages(tensor: torch.Tensor) -> None:
+def mapped_file(address: int) -> Optional[tuple[str, int]]:
+    """(path, offset in that file) of a byte of this process's memory that maps a file; else None.
+
+    Read from /proc/self/maps (Linux; a few milliseconds). Used to drop a mmapped tensor's pages
+    from the page cache, which knows them by file and offset.
+    """
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)  # start-end perms offset dev inode [path]
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+                return (path, address - start + int(fields[2], 16)) if path.startswith("/") else None
+    return None
+
+
+def release_pages(tensor: torch.Tensor, evict: Optional[tuple[str, int]] = None) -> None:
     """Drop the pages of a tensor mmapped from a checkpoint out of this process's memory.
 
     Once its contents are no longer needed (say, after quantizing it) the pages are still mapped
     and count against the process until the whole file is unmapped. madvise(MADV_DONTNEED)
     gives them back now; if touched again they are simply re-read from the file. Only for
     tensors that come from a read-only file mapping; a no-op where madvise does not exist.
+
+    evict: (path, offset of the tensor in that file), from mapped_file(tensor.data_ptr()): also
+    drop the pages from the OS page cache (Linux). Unmapped file pages otherwise stay cached, out
+    of the process's RSS but still in RAM, and a model streamed from disk would quietly fill
+    memory with its whole file.
     """
     if sys.platform not in ("linux", "darwin"):
         return
@@ -176,8 +198,17 @@ def release_pages(tensor: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     start = -(-tensor.data_ptr() // page) * page
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
-    if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+    if end <= start:
+        return
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+    if evict is not None and sys.platform == "linux":
+        # After the madvise no one maps these pages (the mapping is private to this process and
+        # read-only, so they are the page cache's own pages): DONTNEED can now drop them.
+        fd = os.open(evict[0], os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, evict[1] + start - tensor.data_ptr(), end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def load(
@@ -188,6 +219,7 @@ def load(
     max_seq_len: int = 2048,
     max_batch_size: int = 1,
     quantize: Optional[str] = None,
+    max_memory: Union[None, int, str] = None,
 ) -> tuple[Transformer, Tokenizer]:
     """Build the model and tokenizer of a Meta-format checkpoint directory.
 
@@ -200,12 +232,19 @@ def load(
         max_batch_size: rows of the KV cache (the beam width, for beam search).
         quantize: None, or "int8": weight-only int8 linear layers (llama_models.quantize), made
             at load time from the checkpoint; activations and the KV cache stay in `dtype`.
+        max_memory: None (the whole model in memory), or a budget for the process such as "4GB"
+            (bytes, or a string; GB = 10**9, GiB = 2**30): embeddings, norms and the output head
+            stay resident, transformer blocks are read from the checkpoint file as they run, the
+            next ones read ahead in a background thread (llama_models.offload). CPU, Linux, one
+            process, the file's dtype. With quantize="int8", the int8 blocks are written once
+            into model_dir/int8/ (made again if the checkpoint changes) and streamed from there.
+            A budget that holds the whole model changes nothing.
     Returns:
         (model, tokenizer). The model is in eval mode; wrap calls in torch.inference_mode()
         unless you want gradients.
     Raises:
         CheckpointError: a missing or unreadable file, or tensors that disagree with params.json.
-        ValueError: a device that is not available.
+        ValueError: a device that is not available, or a max_memory too small for two blocks.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
@@ -251,7 +290,15 @@ def load(
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
     model.load_state_dict(state_dict, strict=True, assign=True)
+    if max_memory is not None:
+        if world_size > 1:
+            raise ValueError("max_memory runs in one process only (not under torchrun)")
+        from . import offload  # here, not at the top: offload uses release_pages from this module
     if quantize == "int8":
+        if max_memory is not None:
+            # Streamed blocks must be pages of a file, and int8 made here would not be: quantize
+            # them into files once (model_dir/int8/) and map those.
+            offload.quantize_blocks_to_files(model, model_dir, dtype)
         # Quantize straight from the mmapped file, releasing each bf16 weight's pages once it is
         # done, so the full-precision model is never in memory at once.
         quantize_int8(model, dtype, release=release_pages)
@@ -259,4 +306,6 @@ def load(
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
     model.setup_cache(device, dtype)
     model.to(device=device, dtype=dtype)  # no copy when the checkpoint is already there in dtype
+    if max_memory is not None:
+        model.block_streamer = offload.stream_blocks(model, max_memory)  # None when the whole model fits
     return model.eval(), tokenizer

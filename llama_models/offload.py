@@ -1,0 +1,208 @@
+"""Run a model bigger than memory: stream its transformer blocks from the mmapped checkpoint.
+
+The weights are file-backed pages of consolidated.00.pth (llama_models.load maps the file), so
+a block not in memory costs nothing but a read. Embeddings, norms and the output head stay
+resident; each transformer block is paged in just before it runs and given back, to the process
+and to the page cache, right after. When the weights do not fit, every forward pass must read
+every block from disk once, so the best possible speed is one pass over the file at the disk's
+read bandwidth. To get there the disk must never wait for the CPU: while block i computes, a
+background thread is already reading the next ones. And each read must count: a forward pass
+takes the whole prompt (prefill) or all beams (beam search) through a block at once, so one
+read serves them all.
+
+int8 blocks are streamed the same way once quantize_blocks_to_files has written them to files.
+Linux only: it relies on madvise(MADV_POPULATE_READ), posix_fadvise and /proc/self.
+"""
+
+import ctypes
+import json
+import mmap
+import re
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoint import mapped_file, release_pages
+from .quantize import quantize_int8
+
+MADV_WILLNEED = 3
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault the pages in now, reading them from disk if needed
+# What a forward pass allocates besides the weights and the KV cache: PyTorch's lazily loaded
+# kernels (~80 MB on the first call) and the activations, mostly the float32 logits of a prefill
+# (200 tokens over Llama 3's 128k vocabulary: 100 MB, plus their bf16 original).
+ACTIVATIONS = 256 << 20
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(size: Union[int, str]) -> int:
+    """Bytes in a size such as 4GB (10**9), 4GiB (2**30), 512MB, 1.5 GB or 4000000000."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+    if not match or match[2].upper() not in _UNITS:
+        raise ValueError(f"max_memory {size!r} is not a size like 4GB, 4GiB or 512MB")
+    return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def streamed_tensors(block: nn.Module) -> list[torch.Tensor]:
+    """The weights of a block that are read from disk each pass: all but its two small norms."""
+    return [t for name, t in block.state_dict().items() if not name.endswith("norm.weight")]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _process_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * mmap.PAGESIZE
+
+
+def resident_blocks(model: nn.Module, max_memory: int) -> int:
+    """How many transformer blocks may be in memory at once for the process to stay in max_memory.
+
+    The budget covers the whole process: what it holds now (measured: the interpreter, PyTorch,
+    the KV cache, int8 weights made in memory; so call this before the file's pages are
+    touched), the file's weights that stay resident once read (embeddings, norms, output head),
+    activations, and the streamed blocks. At least two blocks must fit: the one computing and the
+    next one being read.
+    """
+    streamed = {t.data_ptr() for block in model.layers for t in streamed_tensors(block)}
+    everything = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # a tied head counts once
+    kept = _nbytes(t for ptr, t in everything.items() if ptr not in streamed and mapped_file(ptr) is not None)
+    block = max(_nbytes(streamed_tensors(b)) for b in model.layers)
+    now = _process_rss()
+    fixed = now + ACTIVATIONS + kept
+    fits = (max_memory - fixed) // block
+    if fits < 2:
+        raise ValueError(
+            f"max_memory={_size(max_memory)} is too small for this model: it needs at least "
+            f"{_size(fixed + 2 * block)} (this process now {_size(now)} + activations {_size(ACTIVATIONS)} + "
+            f"embeddings, norms and output head {_size(kept)} + 2 transformer blocks of {_size(block)}: "
+            f"the one computing and the next one being read)")
+    return min(fits, len(model.layers))
+
+
+def page_in(tensors: list[torch.Tensor]) -> None:
+    """Bring the pages of mmapped tensors into memory, reading them from disk; returns when done."""
+    libc = ctypes.CDLL(None)
+    for t in tensors:
+        start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+        length = ctypes.c_size_t(t.data_ptr() + t.numel() * t.element_size() - start)
+        # ctypes lets go of the GIL during the call, so the model computes meanwhile.
+        if libc.madvise(ctypes.c_void_p(start), length, MADV_POPULATE_READ) != 0:
+            # A kernel before 5.14: start the reads instead; the compute's page faults then
+            # find the pages in the page cache, or wait for their read in flight.
+            libc.madvise(ctypes.c_void_p(start), length, MADV_WILLNEED)
+
+
+class BlockStreamer:
+    """Keeps at most 1 + `prefetch` transformer blocks of `model` in memory while it runs.
+
+    A forward pre-hook on each block waits until its weights are in; a forward hook releases
+    them and starts reading the block `prefetch` places ahead (wrapping around to the first
+    blocks, which the next forward pass needs first). prefetch=0 is the naive way, for
+    comparison: read a block, compute, release, read the next.
+    """
+
+    def __init__(self, model: nn.Module, prefetch: int):
+        self.blocks = [streamed_tensors(block) for block in model.layers]
+        # Where each tensor lies in its file, looked up once: releasing a block evicts it by offset.
+        self.files = [[mapped_file(t.data_ptr()) for t in tensors] for tensors in self.blocks]
+        self.prefetch = prefetch
+        self.loading: dict[int, Future] = {}  # block index -> its page-in, until released
+        self.waited_s = 0.0  # time forward passes spent waiting for a block's read: 0 if the disk kept up
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-prefetch")
+        for i, block in enumerate(model.layers):
+            block.register_forward_pre_hook(partial(self._before, i))
+            block.register_forward_hook(partial(self._after, i))
+        self._keep(range(1 + prefetch))
+
+    def _keep(self, window: range) -> None:
+        """Make the blocks in `window` (indices modulo n_layers) the ones in memory or being read."""
+        wanted = [i % len(self.blocks) for i in window]
+        for i in [i for i in self.loading if i not in wanted]:
+            self.loading.pop(i).result()  # a read still in flight would re-fill released pages
+            for t, where in zip(self.blocks[i], self.files[i]):
+                release_pages(t, evict=where)
+        for i in wanted:
+            if i not in self.loading:
+                self.loading[i] = self._reader.submit(page_in, self.blocks[i])
+
+    def _before(self, i: int, block, args) -> None:
+        # Normally a no-op: block i and the next ones were requested when block i-1 finished.
+        # After an interrupted pass, this drops whatever was read for the wrong blocks.
+        self._keep(range(i, i + 1 + self.prefetch))
+        start = time.perf_counter()
+        self.loading[i].result()
+        self.waited_s += time.perf_counter() - start
+
+    def _after(self, i: int, block, args, output) -> None:
+        # Release block i and read ahead up to block i + 1 + prefetch (prefetch=0: release only).
+        self._keep(range(i + 1, i + 2 + self.prefetch) if self.prefetch else range(0))
+
+
+def quantize_blocks_to_files(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
+    """Make the transformer blocks int8, as pages of files in model_dir/int8/ (one per block).
+
+    int8 weights made at load time would sit in anonymous memory, which cannot be given back
+    and read again like a file's pages. So the first time, each block is quantized (its bf16
+    pages read once and released), saved, and mapped back, which frees the int8 copy: memory
+    stays near one block. Later loads only map the files. source.json records the checkpoint
+    files and dtype they were made from; when those change, they are made again.
+    """
+    folder = model_dir / "int8"
+    source = json.dumps({"dtype": str(dtype), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                                                        for p in sorted(model_dir.glob("consolidated.*.pth"))]})
+    stamp = folder / "source.json"
+    fresh = not stamp.is_file() or stamp.read_text() != source
+    try:
+        if fresh:
+            folder.mkdir(exist_ok=True)
+            stamp.unlink(missing_ok=True)  # written last: the files are complete only once it is there
+        for i, block in enumerate(model.layers):
+            path = folder / f"layers.{i}.pth"
+            if fresh:
+                quantize_int8(block, dtype, release=release_pages)
+                torch.save(block.state_dict(), path)
+            else:
+                # Only the structure, on the meta device (no memory, no arithmetic): Int8Linear
+                # modules whose buffers the file's tensors replace.
+                with torch.device("meta"):
+                    quantize_int8(block.to("meta"), dtype)
+            block.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+        if fresh:
+            stamp.write_text(source)
+    except OSError as e:
+        raise ValueError(f"max_memory with quantize='int8' keeps int8 weights in {folder}, which failed: {e}") from None
+
+
+def stream_blocks(model: nn.Module, max_memory: Union[int, str]) -> Optional[BlockStreamer]:
+    """Stream `model`'s transformer blocks from its checkpoint file to stay within max_memory.
+
+    Returns the BlockStreamer, or None when the whole model fits and there is nothing to stream.
+    Raises ValueError for a budget too small even for two blocks, or weights that are not pages
+    of a file (a dtype other than the file's, int8 made at load time: quantize_blocks_to_files).
+    """
+    if sys.platform != "linux":
+        raise ValueError(f"max_memory needs Linux (madvise, posix_fadvise, /proc), not {sys.platform}")
+    max_memory = parse_memory(max_memory)
+    for name, t in model.layers[0].state_dict().items():
+        if t.device.type != "cpu" or mapped_file(t.data_ptr()) is None:
+            raise ValueError(f"max_memory streams the weights from the mmapped checkpoint file, but "
+                             f"layers.0.{name} is not in it ({t.dtype} on {t.device}): load on the CPU, "
+                             f"in the file's dtype")
+    n = resident_blocks(model, max_memory)
+    return BlockStreamer(model, prefetch=n - 1) if n < len(model.layers) else None
