@@ -9,7 +9,6 @@ Edit the globals below and run it, or override them with flags:
 
 import argparse
 import codecs
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 import llama_models
-from llama_models.checkpoint import MISSING_CHECKPOINT
+from llama_models.checkpoint import error_message
 
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR
 LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `llama model download` puts them
@@ -46,12 +45,9 @@ def main():
         start = time.perf_counter()
         model, tokenizer = llama_models.load(args.model_dir, device=device, max_memory=args.max_memory)
     except (ValueError, llama_models.CheckpointError) as e:
-        missing = isinstance(e, llama_models.CheckpointError) and not args.model_dir.joinpath("params.json").exists()
-        sys.exit(MISSING_CHECKPOINT.format(error=e, name=MODEL_NAME) if missing else f"error: {e}")
-    if torch.distributed.get_rank() > 0:
-        # Under torchrun every process runs this same loop on its slice of the model, and all
-        # get the same logits; one of them is enough to print.
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.exit(error_message(e, args.model_dir, MODEL_NAME))
+    # Under torchrun, every process runs this same loop on its slice of the model.
+    llama_models.print_on_first_process_only()
     print(f"loaded {args.model_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     # Plain completion: <|begin_of_text|> then the text, nothing else.

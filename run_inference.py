@@ -17,7 +17,6 @@ Edit the globals below and run it, or override them with flags:
 
 import argparse
 import codecs
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 import llama_models
 import llama_models.quantize
-from llama_models.checkpoint import MISSING_CHECKPOINT
+from llama_models.checkpoint import error_message
 
 try:
     import resource  # peak memory of this process; Unix only
@@ -470,13 +469,10 @@ def main(argv=None):
             raise ValueError(f"the prompt is {len(prompt_tokens)} tokens, which leaves no room for new ones "
                              f"in --max-seq-len {args.max_seq_len}")
     except (ValueError, llama_models.CheckpointError) as e:
-        missing = isinstance(e, llama_models.CheckpointError) and not args.model_dir.joinpath("params.json").exists()
-        sys.exit(MISSING_CHECKPOINT.format(error=e, name=MODEL_NAME) if missing else f"error: {e}")
+        sys.exit(error_message(e, args.model_dir, MODEL_NAME))
 
-    if torch.distributed.get_rank() > 0:
-        # Under torchrun every process runs this same loop on its slice of the model, with the
-        # same logits and the same seeded draws; one of them is enough to print.
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+    # Under torchrun, every process runs this same loop on its slice of the model.
+    llama_models.print_on_first_process_only()
     print(f"loaded {args.model_dir} in {load_s:.1f} s", file=sys.stderr)
     print(model_summary(model), file=sys.stderr)
     max_new_tokens = min(args.max_new_tokens, args.max_seq_len - len(prompt_tokens))

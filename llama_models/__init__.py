@@ -3,9 +3,10 @@
 from .args import ModelArgs
 from .chat_format import ChatFormat
 from .checkpoint import CheckpointError, default_dtype, load, resolve_device
-from .distributed import init_distributed
+from .distributed import init_distributed, print_on_first_process_only
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 __all__ = ["ChatFormat", "CheckpointError", "ModelArgs", "Tokenizer", "Transformer", "default_dtype",
-           "init_distributed", "load", "resolve_device"]
+           "init_distributed", "load", "print_on_first_process_only",
+           "resolve_device"]

@@ -35,6 +35,13 @@ class CheckpointError(Exception):
     """A checkpoint directory that cannot be loaded; the message says which file and why."""
 
 
+def error_message(error: Exception, model_dir: Path, model_name: str) -> str:
+    """What a script prints when load() fails: for a missing checkpoint, where to get one."""
+    if isinstance(error, CheckpointError) and not Path(model_dir).joinpath("params.json").exists():
+        return MISSING_CHECKPOINT.format(error=error, name=model_name)
+    return f"error: {error}"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> cuda, else mps, else cpu; any other name is checked to be usable here."""
     if name == "auto":

@@ -4,6 +4,7 @@ import atexit
 import contextlib
 import io
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,3 +34,10 @@ def init_distributed(device: torch.device) -> None:
         # fairscale announces each group it creates on stdout; keep the scripts' output clean.
         with contextlib.redirect_stdout(io.StringIO()):
             initialize_model_parallel(dist.get_world_size())
+
+
+def print_on_first_process_only() -> None:
+    """Under torchrun every process runs the same decode loop and gets the same tokens; silence
+    all but the first, so the text is printed once."""
+    if dist.get_rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
