@@ -1,5 +1,9 @@
 """Test helpers: random checkpoints, Meta's reference model, Hugging Face conversions."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from tools.hf_llama import hf_llama  # noqa: F401  (the tests import it from here)
@@ -33,3 +37,39 @@ def meta_transformer(params: dict, state_dict, *, max_seq_len=128, max_batch_siz
         torch.set_default_dtype(previous)
     model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()})
     return model
+
+
+MEASURE_LOAD = """
+import sys, torch, llama_models
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+quantize = sys.argv[3] if sys.argv[3] != "none" else None
+# Warm up on a tiny checkpoint first: the first load and forward import modules lazily (~80 MB
+# whatever the model's size). Then reset the peak (VmHWM) and measure the real one.
+warm, _ = llama_models.load(sys.argv[2], device="cpu", max_seq_len=64, quantize=quantize)
+with torch.inference_mode():
+    warm(torch.tensor([[1, 2, 3]]), 0)
+del warm
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS:")
+model, tok = llama_models.load(sys.argv[1], device="cpu", max_seq_len=64, quantize=quantize)
+with torch.inference_mode():
+    model(torch.tensor([[1, 2, 3]]), 0)  # reads every weight: they are really in memory now
+print(status("VmHWM:") - before, model.norm.weight.dtype)
+"""
+
+
+def memory_test_checkpoint(tmp_path) -> Path:
+    """~120 MB of bf16 weights, so the interpreter's own noise is small next to it."""
+    params = tiny_params(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=32000, multiple_of=256)
+    return make_checkpoint(tmp_path / "big", params)
+
+
+def load_peak_growth(model_dir, tmp_path, quantize=None) -> tuple[int, str]:
+    """(bytes the peak RSS grows by while loading model_dir and running one forward pass, the
+    model's dtype), measured in a fresh process (Linux: VmHWM)."""
+    warm = checkpoint(tmp_path / "tiny")
+    out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(model_dir), str(warm), quantize or "none"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                         check=True).stdout.split()
+    return int(out[0]), out[1]

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,38 +9,13 @@ import torch
 
 import llama_models
 from llama_models import CheckpointError
-from helpers import checkpoint, tiny_params
-from tools.make_checkpoint import make_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-
-MEASURE_LOAD = """
-import sys, torch, llama_models
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-# Warm up on a tiny checkpoint first: the first load and forward import modules lazily (~80 MB
-# whatever the model's size). Then reset the peak (VmHWM) and measure the real one.
-warm, _ = llama_models.load(sys.argv[2], device="cpu", max_seq_len=64)
-with torch.inference_mode():
-    warm(torch.tensor([[1, 2, 3]]), 0)
-del warm
-open("/proc/self/clear_refs", "w").write("5")
-before = status("VmRSS:")
-model, tok = llama_models.load(sys.argv[1], device="cpu", max_seq_len=64)
-with torch.inference_mode():
-    model(torch.tensor([[1, 2, 3]]), 0)  # touches every weight: they are really in memory now
-print(status("VmHWM:") - before, model.layers[0].attention.wq.weight.dtype)
-"""
+from helpers import checkpoint, load_peak_growth, memory_test_checkpoint, tiny_params
 
 
 def test_peak_memory_while_loading_is_near_the_file_size(tmp_path):
-    # ~120 MB of bf16 weights, so the interpreter's own noise is small next to it.
-    params = tiny_params(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=32000, multiple_of=256)
-    model_dir = make_checkpoint(tmp_path / "big", params)
+    model_dir = memory_test_checkpoint(tmp_path)
     size = (model_dir / "consolidated.00.pth").stat().st_size
-    out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(model_dir), str(checkpoint(tmp_path / "tiny"))], capture_output=True, text=True,
-                         cwd=REPO, check=True).stdout.split()
-    growth, dtype = int(out[0]), out[1]
+    growth, dtype = load_peak_growth(model_dir, tmp_path)
     assert dtype == "torch.bfloat16"  # the CPU default, and the file's dtype: no copy
     print(f"peak RSS growth {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint: {growth / size:.2f}x")
     assert growth <= 1.2 * size

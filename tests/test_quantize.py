@@ -1,17 +1,10 @@
 """int8 weight-only quantization: the kernel against plain float math, the model against bf16."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
 import llama_models
-from helpers import checkpoint, tiny_params
+from helpers import checkpoint, load_peak_growth, memory_test_checkpoint
 from llama_models.quantize import Int8Linear
-from tools.make_checkpoint import make_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_int8_linear_is_per_row_rounding():
@@ -63,31 +56,11 @@ def test_int8_greedy_agrees_with_bf16_on_the_real_model(smollm2_dir):
     assert diff < 0.05 * spread
 
 
-MEASURE = """
-import sys, torch, llama_models
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-llama_models.init_distributed(torch.device("cpu"))
-warm, _ = llama_models.load(sys.argv[2], device="cpu", max_seq_len=64, quantize="int8")
-with torch.inference_mode():
-    warm(torch.tensor([[1, 2, 3]]), 0)
-del warm
-open("/proc/self/clear_refs", "w").write("5")
-before = status("VmRSS:")
-model, _ = llama_models.load(sys.argv[1], device="cpu", max_seq_len=64, quantize="int8")
-with torch.inference_mode():
-    model(torch.tensor([[1, 2, 3]]), 0)
-print(status("VmHWM:") - before)
-"""
-
-
 def test_int8_load_peak_memory_is_about_half(tmp_path):
     # Quantizing straight from the mmapped bf16 file, releasing each weight's pages when done:
     # the bf16 model is never in memory as a whole.
-    params = tiny_params(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=32000, multiple_of=256)
-    model_dir = make_checkpoint(tmp_path / "big", params)
+    model_dir = memory_test_checkpoint(tmp_path)
     size = (model_dir / "consolidated.00.pth").stat().st_size
-    growth = int(subprocess.run([sys.executable, "-c", MEASURE, str(model_dir), str(checkpoint(tmp_path / "tiny"))],
-                                capture_output=True, text=True, cwd=REPO, check=True).stdout)
+    growth, _ = load_peak_growth(model_dir, tmp_path, quantize="int8")
     print(f"int8 peak RSS growth {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB bf16 checkpoint")
     assert growth <= 0.6 * size
