@@ -16,6 +16,7 @@ import torch
 from .args import ModelArgs
 from .distributed import init_distributed
 from .model import Transformer
+from .packed import can_pack, pack_linears
 from .quantize import quantize_int8
 from .tokenizer import Tokenizer
 
@@ -227,6 +228,7 @@ def load(
     max_batch_size: int = 1,
     quantize: Optional[str] = None,
     max_memory: Union[None, int, str] = None,
+    pack: bool = True,
 ) -> tuple[Transformer, Tokenizer]:
     """Build the model and tokenizer of a Meta-format checkpoint directory.
 
@@ -246,6 +248,11 @@ def load(
             process, the file's dtype. With quantize="int8", the int8 blocks are written once
             into model_dir/int8/ (made again if the checkpoint changes) and streamed from there.
             A budget that holds the whole model changes nothing.
+        pack: on a CPU, in one process, without quantize or max_memory, reorder the linear
+            layers' weights into oneDNN's layout (llama_models.packed): 1.5x the decode speed
+            here, the same results. False keeps them as plain Parameters, to change them in
+            place or to take gradients with respect to them (gradients with respect to the
+            inputs and embeddings work either way).
     Returns:
         (model, tokenizer). The model is in eval mode; wrap calls in torch.inference_mode()
         unless you want gradients.
@@ -302,6 +309,8 @@ def load(
             raise ValueError("max_memory runs in one process only (not under torchrun)")
         from . import offload  # here, not at the top: offload uses release_pages from this module
     if quantize == "int8":
+        if world_size > 1:
+            raise ValueError("quantize='int8' runs in one process only (not under torchrun)")
         if max_memory is not None:
             # Streamed blocks must be pages of a file, and int8 made here would not be: quantize
             # them into files once (model_dir/int8/) and map those.
@@ -311,6 +320,9 @@ def load(
         quantize_int8(model, dtype, release=release_pages)
     elif quantize is not None:
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
+    elif pack and max_memory is None and world_size == 1 and can_pack(device, dtype):
+        # Each weight's file pages are released once it is copied: memory stays at one copy.
+        pack_linears(model, dtype, release=release_pages)
     model.setup_cache(device, dtype)
     model.to(device=device, dtype=dtype)  # no copy when the checkpoint is already there in dtype
     if max_memory is not None:

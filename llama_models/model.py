@@ -11,6 +11,7 @@ parallelism (all of it with one process).
 """
 
 import math
+from typing import Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -24,6 +25,22 @@ from .args import ModelArgs
 def _keep(weight):
     # fairscale calls init_method on every new weight; the checkpoint overwrites them anyway.
     return weight
+
+
+def replace_linears(model: nn.Module, make, release=lambda weight: None) -> None:
+    """Swap every fairscale linear layer of a 1-process `model` for make(its weight), in place.
+
+    How int8 quantization and CPU weight packing put their layers in. `release(old_weight)` is
+    called after each swap so that the loader can let go of the file's pages right away: peak
+    memory then stays near one copy of the model, never two.
+    """
+    if fs_init.get_model_parallel_world_size() > 1:
+        raise ValueError("replacing linear layers works in one process only (not under torchrun)")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
+                setattr(module, name, make(child.weight))
+                release(child.weight)
 
 
 class RMSNorm(nn.Module):
@@ -108,18 +125,19 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, S, H, Hd)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
 
-        end = start_pos + seqlen
-        self.cache_k[:bsz, start_pos:end] = xk
-        self.cache_v[:bsz, start_pos:end] = xv
-        keys = self.cache_k[:bsz, :end].transpose(1, 2)  # (B, K, P+S, Hd)
-        values = self.cache_v[:bsz, :end].transpose(1, 2)  # (B, K, P+S, Hd)
+        # Write this call's keys and values at their positions, then attend over the first
+        # kv_len cache slots: the ones written so far (or, compiled, all of them; see forward).
+        self.cache_k[:bsz].index_copy_(1, positions, xk)
+        self.cache_v[:bsz].index_copy_(1, positions, xv)
+        keys = self.cache_k[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
+        values = self.cache_v[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
 
         # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
         # sharing inside the kernel instead of materialising repeated copies of the cache.
@@ -154,9 +172,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos: int, rope, mask):
+    def forward(self, x, positions, kv_len: int, rope, mask):
         # Pre-norm residual block: normalise the input of each sub-layer, add its output back.
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        h = x + self.attention(self.attention_norm(x), positions, kv_len, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -176,6 +194,7 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer, so that model.to(bfloat16) cannot round the angles:
         # positions in the thousands need float32. forward() moves it to the tokens' device.
         self.rope = rope_table(args)  # (max_seq_len, Hd/2, 2)
+        self.compiled_forward = None  # set by compile_decode_step()
 
     def setup_cache(self, device, dtype):
         """(Re)allocate the RoPE table (float32) and an empty KV cache on `device` in `dtype`.
@@ -201,36 +220,67 @@ class Transformer(nn.Module):
                 # Indexing with a tensor copies the rows first, so overwriting in place is safe.
                 cache[:n, :end] = cache[rows, :end]  # (n, end, K, Hd)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def compile_decode_step(self) -> None:
+        """Make decode_step() run a torch.compile'd forward: one graph for every decode step.
+
+        Static shapes: the position goes in as a tensor, so each step looks the same to the
+        compiler and nothing recompiles as the text grows (see forward). The price: attention
+        spans all max_seq_len cache slots, masked, so keep max_seq_len near what you need. The
+        first step compiles (about 30 s for a 30-layer model here; torch caches the result on
+        disk, in /tmp/torchinductor_$USER, which brings a later run down to a few seconds). With
+        one process, fairscale's embedding makes one graph break (dynamo cannot trace its
+        autograd Function); the blocks and the output head are one graph.
+        """
+        self.compiled_forward = torch.compile(self.forward, dynamic=False)
+
+    def decode_step(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """forward() for one new token per row, (B, 1) at position start_pos: eager, or compiled
+        after compile_decode_step(). Returns (B, 1, V) float32 logits."""
+        if self.compiled_forward is None:
+            return self(tokens, start_pos)
+        return self.compiled_forward(tokens, torch.tensor(start_pos, device=tokens.device))
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]) -> torch.Tensor:
         """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.
 
         Args:
             tokens: (batch, seq) token ids. The KV cache already holds positions < start_pos.
             start_pos: position of tokens[:, 0]. Prefill with start_pos=0 and the whole prompt,
-                then call once per new token with seq=1 and start_pos = tokens so far.
+                then call once per new token with seq=1 and start_pos = tokens so far. A 0-dim
+                tensor instead of an int gives every call the same shapes, for torch.compile
+                (compile_decode_step): attention then spans the whole cache, masked.
         Returns:
             (batch, seq, vocab) float32 logits for the token after each position.
         """
         bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
         if bsz > self.params.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
+        compiled = isinstance(start_pos, torch.Tensor)
+        if compiled:
+            # Positions as data, not as shapes: one compiled graph serves every step. The slots
+            # not written yet hold zeros (or a longer, earlier sequence); the mask hides them.
+            positions = start_pos + torch.arange(seqlen, device=tokens.device)  # (S,)
+            kv_len = self.params.max_seq_len
+        else:
+            if start_pos + seqlen > self.params.max_seq_len:
+                raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (S,)
+            kv_len = start_pos + seqlen
         h = self.tok_embeddings(tokens)  # (B, S, D)
         self.rope = self.rope.to(tokens.device)  # a no-op once it is there
-        rope = self.rope[start_pos:start_pos + seqlen]  # (S, Hd/2, 2)
+        rope = self.rope[positions]  # (S, Hd/2, 2)
 
         mask = None
-        if seqlen > 1:
-            # Token i of this call sits at position start_pos + i and may attend to every cached
-            # position and to itself, but not to later tokens: True = may attend. (A boolean
+        if seqlen > 1 or compiled:
+            # Token i of this call sits at position positions[i] and may attend to every earlier
+            # position and to itself, but not to later ones: True = may attend. (A boolean
             # comparison rather than Meta's torch.triu of -inf, which returns NaN on MPS:
-            # pytorch/pytorch#100005.) A single new token may attend to everything: no mask.
-            query_pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-            key_pos = torch.arange(start_pos + seqlen, device=tokens.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # (S, P+S)
+            # pytorch/pytorch#100005.) A single new token attending to exactly the slots written
+            # so far may see all of them: no mask.
+            key_pos = torch.arange(kv_len, device=tokens.device)  # (kv_len,)
+            mask = key_pos[None, :] <= positions[:, None]  # (S, kv_len)
 
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+            h = layer(h, positions, kv_len, rope, mask)
         h = self.norm(h)
         return self.output(h).float()  # (B, S, V)

@@ -5,11 +5,11 @@ half the bytes is up to twice the tokens per second, and half the memory (an 8B 
 Activations stay in the model's dtype; only the weights are rounded.
 """
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+from .model import replace_linears
 
 
 class Int8Linear(nn.Module):
@@ -42,17 +42,9 @@ class Int8Linear(nn.Module):
         return out.view(*x.shape[:-1], -1)
 
 
-def quantize_int8(model: nn.Module, dtype: torch.dtype, release=lambda t: None) -> None:
-    """Replace every linear layer of `model` by an Int8Linear, in place.
+def quantize_int8(model: nn.Module, dtype: torch.dtype, release=lambda weight: None) -> None:
+    """Replace every linear layer of `model` by an Int8Linear, in place (one process only).
 
-    `release(old_weight)` is called after each layer is quantized, so that the loader can let go
-    of the bf16 pages right away and peak memory stays near the int8 size. The token embedding
-    stays in bf16: a lookup reads only one row per token.
+    The token embedding stays in `dtype`: a lookup reads only one row per token.
     """
-    if fs_init.get_model_parallel_world_size() > 1:
-        raise ValueError("int8 quantization runs in one process only (not under torchrun)")
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                setattr(module, name, Int8Linear(child.weight, dtype))
-                release(child.weight)
+    replace_linears(model, lambda weight: Int8Linear(weight, dtype), release)

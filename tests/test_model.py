@@ -72,11 +72,20 @@ def test_rope_factor_32_equals_transformers(tmp_path):
 
 def test_forward_keeps_autograd(tmp_path):
     # People probe gradients (saliency, attribution): forward must not force inference_mode.
-    model, _ = llama_models.load(checkpoint(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=32)
-    logits = model(torch.tensor([[1, 2, 3]]), 0)
-    logits[0, -1].max().backward()
-    grad = model.layers[0].attention.wq.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
+    # Unpacked, the weights get gradients; packed (the CPU default), the inputs still do, and
+    # the same ones.
+    model_dir = checkpoint(tmp_path)
+    embedding_grads = []
+    for pack in (False, True):
+        model, _ = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=32, pack=pack)
+        logits = model(torch.tensor([[1, 2, 3]]), 0)
+        logits[0, -1].max().backward()
+        embedding_grads.append(model.tok_embeddings.weight.grad)
+        if not pack:
+            grad = model.layers[0].attention.wq.weight.grad
+            assert grad is not None and grad.abs().sum() > 0
+    assert embedding_grads[0].abs().sum() > 0
+    torch.testing.assert_close(embedding_grads[1], embedding_grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_bfloat16_close_to_float32(tmp_path):

@@ -1,0 +1,62 @@
+"""CPU weight packing (llama_models.packed): the same numbers as plain linear layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama_models
+from helpers import checkpoint
+from llama_models.packed import PackedLinear, can_pack
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 7, 96)])  # a decode step, a batch of prefills
+def test_packed_linear_is_f_linear(dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 96, generator=generator).to(dtype)
+    x = torch.randn(*shape, generator=generator).to(dtype)
+    layer = PackedLinear(w, dtype)
+    assert torch.equal(layer.weight.to_dense(), w)  # a reordering, nothing rounded
+    expected = F.linear(x, w)
+    if dtype == torch.bfloat16:
+        assert torch.equal(layer(x), expected)  # the same oneDNN kernel family: bit for bit
+    else:
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_model_equals_unpacked(tmp_path, dtype):
+    model_dir = checkpoint(tmp_path, seed=3)
+    tokens = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for pack in (False, True):
+        model, _ = llama_models.load(model_dir, device="cpu", dtype=dtype, max_seq_len=32, pack=pack)
+        with torch.inference_mode():
+            prefill = model(tokens, 0)
+            steps = [model(prefill[:, -1:].argmax(-1), 20), model(torch.tensor([[5]]), 21)]
+        logits[pack] = torch.cat([prefill, *steps], dim=1)
+        if pack:
+            assert isinstance(model.layers[1].feed_forward.w3, PackedLinear) and isinstance(model.output, PackedLinear)
+            # state_dict() gives back the checkpoint's tensors under their names, unpacked.
+            saved = torch.load(model_dir / "consolidated.00.pth", weights_only=True)
+            state = model.state_dict()
+            assert state.keys() == saved.keys()
+            for name in ("layers.0.attention.wq.weight", "layers.1.feed_forward.w2.weight", "output.weight"):
+                assert torch.equal(state[name], saved[name].to(dtype)), name
+    if dtype == torch.bfloat16:
+        assert torch.equal(logits[True], logits[False])
+    else:
+        torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_not_packed_where_it_does_not_apply(tmp_path):
+    model_dir = checkpoint(tmp_path)
+    unpacked, _ = llama_models.load(model_dir, device="cpu", pack=False)
+    int8, _ = llama_models.load(model_dir, device="cpu", quantize="int8")
+    for model in (unpacked, int8):
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert not can_pack(torch.device("meta"), torch.bfloat16)
+    assert not can_pack(CPU, torch.float16)  # oneDNN packs bf16 and float32 only
