@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_models
+import llama_models.packed
 import llama_models.quantize
 from llama_models.checkpoint import error_message
 
@@ -53,6 +54,10 @@ QUANTIZE = None
 # ones read ahead while the current one computes (CPU, Linux). Each forward pass then reads the
 # file once, for the whole prompt (prefill) or all beams (beam search) at a time.
 MAX_MEMORY = None
+# torch.compile the decode step: one graph for the whole model, with static shapes (the position
+# goes in as a tensor), instead of running op by op. The first step compiles (tens of seconds,
+# cached on disk for later runs); see Transformer.compile_decode_step.
+COMPILE = False
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
 MAX_SEQ_LEN = 2048  # prompt + new tokens; the KV cache is allocated for this many positions
 
@@ -127,7 +132,7 @@ def decode_loop(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_to
         if token in stop_tokens:
             return
         # Decode step: only the new token goes in, at its position; the cache holds the rest.
-        logits = model(torch.tensor([[token]], device=device), start_pos=pos)[0, -1]  # (V,)
+        logits = model.decode_step(torch.tensor([[token]], device=device), start_pos=pos)[0, -1]  # (V,)
 
 
 @torch.inference_mode()  # no autograd graph: it would chain every step through the cache
@@ -271,7 +276,7 @@ def beam_search(model, prompt_tokens: list[int], *, beam_width: int, max_new_tok
         # the positions seen so far, then feed each beam its new token.
         start_pos = prompt_len + step - 1
         model.reorder_cache(parents, end=start_pos)
-        logits = model(tokens, start_pos=start_pos)[:, -1]  # (K, V)
+        logits = model.decode_step(tokens, start_pos=start_pos)[:, -1]  # (K, V)
     return finished
 
 
@@ -307,16 +312,19 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system_prompt: str) -> lis
 
 def model_summary(model) -> str:
     args = model.params
-    # Weights: the parameters, plus the buffers of int8 layers; counted once per storage, since
-    # a tied output layer shares its tensor with the embedding.
+    # Weights: the parameters, the buffers of int8 layers and the packed weights of CPU layers;
+    # counted once per storage, since a tied output layer shares its tensor with the embedding.
     named = [*model.named_parameters(), *model.named_buffers()]
-    weights = {t.data_ptr(): t for name, t in named if "cache" not in name}.values()
+    weights = [*{t.data_ptr(): t for name, t in named if "cache" not in name}.values(),
+               *(m.weight for m in model.modules() if isinstance(m, llama_models.packed.PackedLinear))]
     n_params = sum(t.numel() for t in weights if t.dim() == 2)  # matrices; norms and scales are tiny
     weight_bytes = sum(t.numel() * t.element_size() for t in weights)
     cache_bytes = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
     dtype = str(model.norm.weight.dtype).removeprefix("torch.")
     if any(isinstance(m, llama_models.quantize.Int8Linear) for m in model.modules()):
         dtype += ", int8 linear weights"
+    if any(isinstance(m, llama_models.packed.PackedLinear) for m in model.modules()):
+        dtype += ", linear weights packed for oneDNN"
     return (f"model: {n_params / 1e6:.1f}M parameters, {args.n_layers} layers, dim {args.dim}, "
             f"{args.n_heads} heads / {args.n_kv_heads} kv heads of {args.head_dim}, vocab {args.vocab_size}, "
             f"{dtype}\n"
@@ -363,29 +371,32 @@ def stream_text(tokenizer, tokens: Iterator[int], stop_tokens, write) -> list[in
 
 
 class Stats:
-    """Times the phases of a run: prefill = up to the first new token; decode = after it."""
+    """Times the phases of a run: prefill = up to the first new token; decode = after it (with
+    --compile, after the first decode step, which compiles and is reported apart)."""
 
-    def __init__(self, load_s: float, n_prompt: int, rows: int = 1):
-        self.load_s, self.n_prompt, self.rows = load_s, n_prompt, rows
+    def __init__(self, load_s: float, n_prompt: int, rows: int = 1, compiled: bool = False):
+        self.load_s, self.n_prompt, self.rows, self.compiled = load_s, n_prompt, rows, compiled
         self.start = time.perf_counter()
-        self.first = self.last = None
-        self.steps = 0
+        self.times = []  # when each new token (beam search: each step) was ready
 
     def step(self):
-        self.last = time.perf_counter()
-        self.first = self.first or self.last
-        self.steps += 1
+        self.times.append(time.perf_counter())
 
     def report(self, device) -> str:
         lines = [f"load: {self.load_s:.2f} s", f"prompt: {self.n_prompt} tokens"]
-        if self.first:
-            prefill = self.first - self.start
+        if self.times:
+            prefill = self.times[0] - self.start
             lines.append(f"prefill: {self.n_prompt / prefill:.1f} tok/s ({prefill:.3f} s, incl. the first new token)")
-        if self.steps > 1:
-            decode = self.last - self.first
-            per_row = f" = {self.steps - 1} steps x {self.rows} beams" if self.rows > 1 else ""
-            lines.append(f"decode: {(self.steps - 1) * self.rows / decode:.1f} tok/s"
-                         f" ({(self.steps - 1) * self.rows} tokens{per_row} in {decode:.3f} s, after the first)")
+        decode_times = self.times
+        if self.compiled and len(self.times) > 1:
+            lines.append(f"compile: {self.times[1] - self.times[0]:.1f} s (the first decode step)")
+            decode_times = self.times[1:]
+        if len(decode_times) > 1:
+            decode, steps = decode_times[-1] - decode_times[0], len(decode_times) - 1
+            per_row = f" = {steps} steps x {self.rows} beams" if self.rows > 1 else ""
+            lines.append(f"decode: {steps * self.rows / decode:.1f} tok/s"
+                         f" ({steps * self.rows} tokens{per_row} in {decode:.3f} s, after the first"
+                         f"{' two' if decode_times is not self.times else ''})")
         lines.append(f"peak memory: {peak_memory(device)}")
         return "\n".join(lines)
 
@@ -418,6 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--quantize", choices=["int8"], default=QUANTIZE, help="weight-only int8 linear layers (one process only)")
     add("--max-memory", default=MAX_MEMORY,
         help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
+    add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
+        help="torch.compile the decode step (the first step compiles)")
     add("--decoding", choices=["greedy", "sample", "beam"], default=DECODING, help="how to pick tokens")
     add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")
     add("--top-k", type=int, default=TOP_K, help="sample: keep the k most likely tokens; 0 = all")
@@ -464,6 +477,8 @@ def main(argv=None):
             max_seq_len=args.max_seq_len, max_batch_size=args.beam_width if args.decoding == "beam" else 1,
             quantize=args.quantize, max_memory=args.max_memory)
         load_s = time.perf_counter() - start
+        if args.compile:
+            model.compile_decode_step()  # compiles lazily, at the first decode step
         prompt_tokens = encode_prompt(tokenizer, args.prompt, args.chat, args.system)
         if len(prompt_tokens) >= args.max_seq_len:
             raise ValueError(f"the prompt is {len(prompt_tokens)} tokens, which leaves no room for new ones "
@@ -482,7 +497,8 @@ def main(argv=None):
     print(f"{mode}, {args.decoding} decoding, prompt of {len(prompt_tokens)} tokens\n", file=sys.stderr)
 
     run = run_beam_search if args.decoding == "beam" else run_streaming
-    stats = Stats(load_s, len(prompt_tokens), rows=args.beam_width if args.decoding == "beam" else 1)
+    stats = Stats(load_s, len(prompt_tokens), rows=args.beam_width if args.decoding == "beam" else 1,
+                  compiled=args.compile)
     interrupted = False
     try:
         run(model, tokenizer, prompt_tokens, max_new_tokens, args, stats)

@@ -46,9 +46,11 @@ class Ours:
     def files(work: Path, dtype: str) -> list:
         return [work / "consolidated.00.pth"]
 
-    def load(self, work: Path, dtype: str, max_seq_len: int, quantize=None):
+    def load(self, work: Path, dtype: str, max_seq_len: int, quantize=None, pack=True, compile=False):
         self.model, _ = self.llama_models.load(work, device="cpu", dtype=getattr(self.torch, dtype),
-                                               max_seq_len=max_seq_len, quantize=quantize)
+                                               max_seq_len=max_seq_len, quantize=quantize, pack=pack)
+        if compile:
+            self.model.compile_decode_step()  # compiles at the first decode step
 
     def _next_token(self, tokens: list, start_pos: int) -> int:
         with self.torch.inference_mode():
@@ -61,7 +63,9 @@ class Ours:
 
     def decode(self, token: int) -> int:
         self.pos += 1
-        return self._next_token([token], self.pos - 1)
+        with self.torch.inference_mode():
+            logits = self.model.decode_step(self.torch.tensor([[token]]), self.pos - 1)  # (1, 1, vocab)
+        return int(logits[0, -1].argmax())
 
 
 class Recompute(Ours):
@@ -153,6 +157,9 @@ CONTENDERS = {
     "ours-bf16": Contender(Ours, "bfloat16", 2),
     "ours-fp32": Contender(Ours, "float32", 4),
     "ours-int8": Contender(Ours, "bfloat16", 1, {"quantize": "int8"}),
+    "ours-bf16-compile": Contender(Ours, "bfloat16", 2, {"compile": True}),
+    "ours-int8-compile": Contender(Ours, "bfloat16", 1, {"quantize": "int8", "compile": True}),
+    "ours-bf16-unpacked": Contender(Ours, "bfloat16", 2, {"pack": False}),
     "ours-bf16-2proc": Contender(Ours, "bfloat16", 2, processes=2),
     "recompute-fp32": Contender(Recompute, "float32", 4),
     "transformers-bf16": Contender(Transformers, "bfloat16", 2),
@@ -197,13 +204,21 @@ def measure(name: str, work: Path, prompt: list, new_tokens: int, runs: int) -> 
     start = time.perf_counter()
     engine.load(work, contender.precision, len(prompt) + new_tokens, **(contender.options or {}))
     load_s = time.perf_counter() - start
-    _, cold_prefill_s, _ = generate(engine, prompt, min(WARMUP_STEPS, new_tokens))
+    # The first prefill and decode step, timed apart: first uses are slow, and a compiled
+    # contender compiles in its first decode step.
+    start = time.perf_counter()
+    token = engine.prefill(prompt)
+    cold_prefill_s = time.perf_counter() - start
+    engine.decode(token)
+    first_step_s = time.perf_counter() - start - cold_prefill_s
+    generate(engine, prompt, min(WARMUP_STEPS, new_tokens))
     prefill, decode = [], []
     for _ in range(runs):
         tokens, prefill_s, decode_s = generate(engine, prompt, new_tokens)
         prefill.append(len(prompt) / prefill_s)
         decode.append((new_tokens - 1) / decode_s if new_tokens > 1 else float("nan"))
-    return {"load_s": load_s, "first_token_s": load_s + cold_prefill_s, "peak_rss": peak_rss_bytes(),
+    return {"load_s": load_s, "first_token_s": load_s + cold_prefill_s, "first_step_s": first_step_s,
+            "peak_rss": peak_rss_bytes(),
             "prefill_tok_s": prefill, "decode_tok_s": decode, "tokens": tokens}
 
 

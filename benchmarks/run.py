@@ -43,7 +43,9 @@ PROMPT = ("The history of the printing press begins in fifteenth-century Europe,
 # Ratios reported: (ours, the other), each the same precision or the same library.
 PAIRS = [("ours-fp32", "llama.cpp-F32"), ("ours-bf16", "llama.cpp-BF16"), ("ours-int8", "llama.cpp-Q8_0"),
          ("ours-fp32", "transformers-fp32"), ("ours-bf16", "transformers-bf16"), ("ours-fp32", "recompute-fp32"),
-         ("ours-bf16-2proc", "ours-bf16")]
+         ("ours-bf16-2proc", "ours-bf16"), ("ours-bf16", "ours-bf16-unpacked"),
+         ("ours-bf16-compile", "ours-bf16"), ("ours-int8-compile", "ours-int8"),
+         ("ours-bf16-compile", "llama.cpp-BF16"), ("ours-int8-compile", "llama.cpp-Q8_0")]
 # The baseline re-runs the whole sequence at every step, so its cost grows with the square of
 # the length: on the 1B shape, 128 tokens take longer than all the other contenders together.
 # One run of at most 32 new tokens shows the size of the gap; its tokens/s flatters it (a shorter
@@ -112,9 +114,9 @@ def leading_agreement(tokens: list, reference: list) -> int:
 
 def table(results: dict, n_weights: int, bandwidth: float) -> list[str]:
     reference = results.get("ours-fp32", {}).get("tokens")
-    lines = ["| contender | load s | first token s | peak RSS GB | prefill tok/s | decode tok/s "
+    lines = ["| contender | load s | first token s | first step s | peak RSS GB | prefill tok/s | decode tok/s "
              "| MB read/token | GB/s | % of bandwidth | tokens = ours-fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} |")
@@ -124,7 +126,8 @@ def table(results: dict, n_weights: int, bandwidth: float) -> list[str]:
         compared = min(len(r["tokens"]), len(reference or []))
         agree = f"{leading_agreement(r['tokens'], reference)}/{compared}" if reference else "-"
         runs = f" (1 run, {len(r['tokens'])} tokens)" if name in SLOW else ""
-        lines.append(f"| {name}{runs} | {r['load_s']:.2f} | {r['first_token_s']:.2f} | {r['peak_rss'] / 1e9:.2f} "
+        lines.append(f"| {name}{runs} | {r['load_s']:.2f} | {r['first_token_s']:.2f} | {r['first_step_s']:.2f} "
+                     f"| {r['peak_rss'] / 1e9:.2f} "
                      f"| {statistics.median(r['prefill_tok_s']):.1f} | {decode:.1f} | {per_token / 1e6:.0f} "
                      f"| {per_token * decode / 1e9:.1f} | {100 * per_token * decode / bandwidth:.0f}% | {agree} |")
     return lines
@@ -226,7 +229,9 @@ KEEP_MARKER = "<!-- Sections by other benchmarks follow; benchmarks/run.py keeps
 NOTES = """\
 How to read this:
 - load s: building the model from files already in the page cache (imports not counted).
-  first token s: load plus the first, cold prefill: what a user waits for.
+  first token s: load plus the first, cold prefill: what a user waits for. first step s: the
+  first, cold decode step after it; for the -compile contenders it is the compile time (the
+  inductor cache in /tmp/torchinductor_$USER kept from earlier runs makes it shorter).
 - peak RSS: the process's VmHWM, mmapped weight pages included; GB = 10^9 bytes.
 - prefill tok/s: prompt tokens / time of the prompt's forward pass. decode tok/s: the timer
   starts once the first new token exists; new tokens after it / elapsed.
@@ -238,6 +243,9 @@ How to read this:
   difference (lower precisions may flip a near-tie and then diverge).
 - recompute-fp32: our model with no KV cache, re-running the whole sequence every step (one
   run of at most 32 new tokens: its cost grows with the square of the length).
+- ours-bf16 and ours-fp32 pack their linear weights for oneDNN (llama_models.packed, the CPU
+  default); ours-bf16-unpacked is the same model with plain F.linear layers (load(pack=False)).
+  -compile: the decode step through torch.compile (Transformer.compile_decode_step).
 - ours-bf16-2proc: the same bf16 model split over 2 processes by torchrun (gloo), 1 thread
   each instead of 2 threads in one process; peak RSS is the first process's alone."""
 
