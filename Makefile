@@ -60,7 +60,7 @@ demo: $(SMOLLM2_DIR)
 BENCH := benchmarks/work
 LLAMA3_TOKENIZER := $(META_REF)/models/llama3/tokenizer.model
 BENCH_MODELS := SmolLM2-135M-Instruct llama3.2-1b
-GGUF_TYPES := F32 BF16 Q8_0
+GGUF_TYPES := F32 BF16 Q8_0 Q4_1
 # The GGUF files of SmolLM2 carry its own tokenizer metadata; the others' is built from tokenizer.model.
 VOCAB_FROM_SmolLM2-135M-Instruct := --vocab-from $(SMOLLM2_GGUF)
 
@@ -79,12 +79,12 @@ $(BENCH)/llama3.2-1b: | $(VENV)/.runtime $(META_REF)/.ok
 $(BENCH)/llama3.1-8b: | $(VENV)/.runtime $(META_REF)/.ok
 	$(PY) benchmarks/make_big_checkpoint.py $@ --preset llama3.1-8b --tokenizer $(LLAMA3_TOKENIZER)
 
-# The same weights for transformers (from_pretrained) and for llama.cpp (one rule makes all three GGUFs).
+# The same weights for transformers (from_pretrained) and for llama.cpp (one rule makes all the GGUFs).
 $(BENCH)/%-hf: | $(BENCH)/% $(VENV)/.bench
 	$(PY) tools/hf_llama.py $(BENCH)/$* $@.tmp
 	mv $@.tmp $@
 
-$(BENCH)/%-F32.gguf $(BENCH)/%-BF16.gguf $(BENCH)/%-Q8_0.gguf: | $(BENCH)/% $(VENV)/.bench
+$(BENCH)/%-F32.gguf $(BENCH)/%-BF16.gguf $(BENCH)/%-Q8_0.gguf $(BENCH)/%-Q4_1.gguf: | $(BENCH)/% $(VENV)/.bench
 	set -e; for type in $(GGUF_TYPES); do \
 		$(PY) tools/write_gguf.py $(BENCH)/$* $(BENCH)/$*-$$type.gguf --type $$type $(VOCAB_FROM_$*); done
 

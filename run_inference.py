@@ -48,6 +48,7 @@ DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
 DTYPE = None  # "float32", "bfloat16", "float16"; None: the device's default (bfloat16 on CPU)
 # "int8": store the linear layers' weights in 1 byte each (per-row scales), made at load time.
 # Decoding reads every weight once per token, so this halves the bytes read per token vs bf16.
+# "int4": half a byte each, with a scale and a minimum per group of 32 weights (CPU only).
 QUANTIZE = None
 # A model bigger than memory: None keeps every weight in memory; a budget such as "4GB" keeps the
 # process within it by reading transformer blocks from the checkpoint file as they run, the next
@@ -312,17 +313,21 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system_prompt: str) -> lis
 
 def model_summary(model) -> str:
     args = model.params
-    # Weights: the parameters, the buffers of int8 layers and the packed weights of CPU layers;
-    # counted once per storage, since a tied output layer shares its tensor with the embedding.
-    named = [*model.named_parameters(), *model.named_buffers()]
-    weights = [*{t.data_ptr(): t for name, t in named if "cache" not in name}.values(),
-               *(m.weight for m in model.modules() if isinstance(m, llama_models.packed.PackedLinear))]
-    n_params = sum(t.numel() for t in weights if t.dim() == 2)  # matrices; norms and scales are tiny
-    weight_bytes = sum(t.numel() * t.element_size() for t in weights)
+    # Weights: the parameters (counted once per storage: a tied output layer shares its tensor
+    # with the embedding), plus the layers that hold their weights in other forms: int8 and int4
+    # buffers, oneDNN-packed tensors (a second copy of a tied output layer's weight).
+    special = (llama_models.packed.PackedLinear, *llama_models.quantize.QUANTIZED_LINEARS.values())
+    layers = [m for m in model.modules() if isinstance(m, special)]
+    params = {t.data_ptr(): t for t in model.parameters()}.values()
+    n_params = sum(t.numel() for t in params if t.dim() == 2) + sum(m.in_features * m.out_features for m in layers)
+    # A quantized layer's tensors are buffers; a packed layer's one tensor is a plain attribute.
+    tensors = [*params, *(t for m in layers for t in ([*m.buffers()] or [m.weight]))]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     cache_bytes = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
     dtype = str(model.norm.weight.dtype).removeprefix("torch.")
-    if any(isinstance(m, llama_models.quantize.Int8Linear) for m in model.modules()):
-        dtype += ", int8 linear weights"
+    for name, layer in llama_models.quantize.QUANTIZED_LINEARS.items():
+        if any(isinstance(m, layer) for m in model.modules()):
+            dtype += f", {name} linear weights"
     if any(isinstance(m, llama_models.packed.PackedLinear) for m in model.modules()):
         dtype += ", linear weights packed for oneDNN"
     return (f"model: {n_params / 1e6:.1f}M parameters, {args.n_layers} layers, dim {args.dim}, "
@@ -426,7 +431,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
     add("--dtype", choices=["float32", "bfloat16", "float16"], default=DTYPE,
         help="weights and KV cache dtype (default: bfloat16 on CPU)")
-    add("--quantize", choices=["int8"], default=QUANTIZE, help="weight-only int8 linear layers (one process only)")
+    add("--quantize", choices=["int8", "int4"], default=QUANTIZE,
+        help="weight-only int8 or int4 (CPU) linear layers (one process only)")
     add("--max-memory", default=MAX_MEMORY,
         help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
     add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,

@@ -152,11 +152,13 @@ class Contender:
     processes: int = 1  # > 1: model-parallel, launched by torchrun (ours only)
 
 
-# Q8_0 stores blocks of 32 int8 weights with one float16 scale: 34 bytes per 32 weights.
+# Q8_0 stores blocks of 32 int8 weights with one float16 scale: 34 bytes per 32 weights. Q4_1
+# stores 32 4-bit weights with a float16 scale and minimum (20 bytes), as our int4 does in bf16.
 CONTENDERS = {
     "ours-bf16": Contender(Ours, "bfloat16", 2),
     "ours-fp32": Contender(Ours, "float32", 4),
     "ours-int8": Contender(Ours, "bfloat16", 1, {"quantize": "int8"}),
+    "ours-int4": Contender(Ours, "bfloat16", 20 / 32, {"quantize": "int4"}),
     "ours-bf16-compile": Contender(Ours, "bfloat16", 2, {"compile": True}),
     "ours-int8-compile": Contender(Ours, "bfloat16", 1, {"quantize": "int8", "compile": True}),
     "ours-bf16-unpacked": Contender(Ours, "bfloat16", 2, {"pack": False}),
@@ -167,6 +169,7 @@ CONTENDERS = {
     "llama.cpp-BF16": Contender(LlamaCpp, "BF16", 2),
     "llama.cpp-F32": Contender(LlamaCpp, "F32", 4),
     "llama.cpp-Q8_0": Contender(LlamaCpp, "Q8_0", 34 / 32),
+    "llama.cpp-Q4_1": Contender(LlamaCpp, "Q4_1", 20 / 32),
 }
 
 

@@ -5,8 +5,8 @@
     python benchmarks/run.py --big          # memory of a random Llama-3.1-8B shape -> benchmarks/RESULTS-8b.md
 
 `make bench` and `make bench-8b` first prepare what this reads in benchmarks/work/: each model as
-a Meta checkpoint, a transformers directory (tools/hf_llama.py) and GGUF files at F32, BF16 and
-Q8_0 (tools/write_gguf.py). Each contender runs in a process of its own (benchmarks/contenders.py);
+a Meta checkpoint, a transformers directory (tools/hf_llama.py) and GGUF files at F32, BF16, Q8_0
+and Q4_1 (tools/write_gguf.py). Each contender runs in a process of its own (benchmarks/contenders.py);
 the figures are medians of its timed runs, and the ratios compare contenders of this one run.
 """
 
@@ -42,6 +42,7 @@ PROMPT = ("The history of the printing press begins in fifteenth-century Europe,
           "Gutenberg combined movable metal type with an oil-based ink and")
 # Ratios reported: (ours, the other), each the same precision or the same library.
 PAIRS = [("ours-fp32", "llama.cpp-F32"), ("ours-bf16", "llama.cpp-BF16"), ("ours-int8", "llama.cpp-Q8_0"),
+         ("ours-int4", "llama.cpp-Q4_1"),
          ("ours-fp32", "transformers-fp32"), ("ours-bf16", "transformers-bf16"), ("ours-fp32", "recompute-fp32"),
          ("ours-bf16-2proc", "ours-bf16"), ("ours-bf16", "ours-bf16-unpacked"),
          ("ours-bf16-compile", "ours-bf16"), ("ours-int8-compile", "ours-int8"),
@@ -237,7 +238,7 @@ How to read this:
   starts once the first new token exists; new tokens after it / elapsed.
 - MB read/token: the weights one decode step must read (every matrix except the embedding, of
   which one row is read; the KV cache, a few MB here, is left out), at the contender's bytes per
-  weight (Q8_0: 34 bytes per 32 weights). GB/s = that x decode tok/s; % of bandwidth = GB/s over
+  weight (Q8_0: 34 bytes per 32 weights; Q4_1 and our int4: 20). GB/s = that x decode tok/s; % of bandwidth = GB/s over
   the read bandwidth above, the ceiling a decode step can approach.
 - tokens = ours-fp32: how many of the greedy tokens agree with ours in float32 before the first
   difference (lower precisions may flip a near-tie and then diverge).

@@ -17,7 +17,7 @@ from .args import ModelArgs
 from .distributed import init_distributed
 from .model import Transformer
 from .packed import can_pack, pack_linears
-from .quantize import quantize_int8
+from .quantize import QUANTIZED_LINEARS, quantize_linears
 from .tokenizer import Tokenizer
 
 
@@ -239,8 +239,9 @@ def load(
         dtype: weights' and KV cache's dtype; default: default_dtype(device).
         max_seq_len: longest prompt + generation the KV cache holds.
         max_batch_size: rows of the KV cache (the beam width, for beam search).
-        quantize: None, or "int8": weight-only int8 linear layers (llama_models.quantize), made
-            at load time from the checkpoint; activations and the KV cache stay in `dtype`.
+        quantize: None, "int8" or "int4" (CPU only): weight-only quantized linear layers
+            (llama_models.quantize), made at load time from the checkpoint; activations and the
+            KV cache stay in `dtype`.
         max_memory: None (the whole model in memory), or a budget for the process such as "4GB"
             (bytes, or a string; GB = 10**9, GiB = 2**30): embeddings, norms and the output head
             stay resident, transformer blocks are read from the checkpoint file as they run, the
@@ -308,18 +309,20 @@ def load(
         if world_size > 1:
             raise ValueError("max_memory runs in one process only (not under torchrun)")
         from . import offload  # here, not at the top: offload uses release_pages from this module
-    if quantize == "int8":
+    if quantize is not None:
+        if quantize not in QUANTIZED_LINEARS:
+            raise ValueError(f"unknown quantization {quantize!r} (supported: int8, int4)")
         if world_size > 1:
-            raise ValueError("quantize='int8' runs in one process only (not under torchrun)")
+            raise ValueError(f"quantize={quantize!r} runs in one process only (not under torchrun)")
+        if quantize == "int4" and (device.type != "cpu" or max_memory is not None):
+            raise ValueError("quantize='int4' runs on the CPU, with the whole model in memory (no max_memory)")
         if max_memory is not None:
             # Streamed blocks must be pages of a file, and int8 made here would not be: quantize
             # them into files once (model_dir/int8/) and map those.
             offload.quantize_blocks_to_files(model, model_dir, dtype)
         # Quantize straight from the mmapped file, releasing each bf16 weight's pages once it is
         # done, so the full-precision model is never in memory at once.
-        quantize_int8(model, dtype, release=release_pages)
-    elif quantize is not None:
-        raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
+        quantize_linears(model, quantize, dtype, release=release_pages)
     elif pack and max_memory is None and world_size == 1 and can_pack(device, dtype):
         # Each weight's file pages are released once it is copied: memory stays at one copy.
         pack_linears(model, dtype, release=release_pages)

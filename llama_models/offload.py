@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import mapped_file, release_pages
-from .quantize import quantize_int8
+from .quantize import quantize_linears
 
 MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault the pages in now, reading them from disk if needed
@@ -175,13 +175,13 @@ def quantize_blocks_to_files(model: nn.Module, model_dir: Path, dtype: torch.dty
         for i, block in enumerate(model.layers):
             path = folder / f"layers.{i}.pth"
             if fresh:
-                quantize_int8(block, dtype, release=release_pages)
+                quantize_linears(block, "int8", dtype, release=release_pages)
                 torch.save(block.state_dict(), path)
             else:
                 # Only the structure, on the meta device (no memory, no arithmetic): Int8Linear
                 # modules whose buffers the file's tensors replace.
                 with torch.device("meta"):
-                    quantize_int8(block.to("meta"), dtype)
+                    quantize_linears(block.to("meta"), "int8", dtype)
             block.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
         if fresh:
             stamp.write_text(source)

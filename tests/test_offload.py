@@ -56,7 +56,8 @@ def load_streamed(model_dir, **kwargs):
     kwargs.setdefault("max_seq_len", 128)
     with pytest.raises(ValueError, match="too small") as error:
         llama_models.load(model_dir, device="cpu", max_memory=1, **kwargs)
-    needed = float(re.search(r"needs at least ([0-9.]+) MB", str(error.value))[1]) * 1e6
+    amount, unit = re.search(r"needs at least ([0-9.]+) (MB|GB)", str(error.value)).groups()
+    needed = float(amount) * {"MB": 1e6, "GB": 1e9}[unit]
     del error  # its traceback holds the model it was building, and that model's KV cache
     gc.collect()
     model, tokenizer = llama_models.load(model_dir, device="cpu", max_memory=int(needed + 10e6), **kwargs)
@@ -223,7 +224,7 @@ def test_each_pass_reads_the_weights_once_and_the_page_cache_lets_go(model_dir):
 
 def test_a_budget_too_small_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match=r"max_memory=1.0 MB is too small for this model: it needs at least "
-                                         r"[0-9.]+ MB \(this process now .* \+ 2 transformer blocks of 6.0 MB"):
+                                         r"[0-9.]+ [MG]B \(this process now .* \+ 2 transformer blocks of 6.0 MB"):
         llama_models.load(model_dir, device="cpu", max_memory="1MB")
     with pytest.raises(ValueError, match="'4 parsecs' is not a size like 4GB"):
         llama_models.load(model_dir, device="cpu", max_memory="4 parsecs")

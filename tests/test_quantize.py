@@ -1,10 +1,11 @@
 """int8 weight-only quantization: the kernel against plain float math, the model against bf16."""
 
+import pytest
 import torch
 
 import llama_models
 from helpers import checkpoint, load_peak_growth, memory_test_checkpoint
-from llama_models.quantize import Int8Linear
+from llama_models.quantize import Int4Linear, Int8Linear
 
 
 def test_int8_linear_is_per_row_rounding():
@@ -16,6 +17,24 @@ def test_int8_linear_is_per_row_rounding():
     assert ((dequantized - w).abs() <= scales[:, None] / 2 + 1e-7).all()  # within half a step
     x = torch.randn(3, 5, 64)
     assert torch.allclose(layer(x), x @ dequantized.T, atol=1e-4, rtol=1e-5)
+
+
+def test_int4_linear_is_per_group_rounding():
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=generator) * torch.logspace(-2, 1, 96)[:, None] + 0.3
+    layer = Int4Linear(w, torch.float32)
+    # The oracle: each group of 32 weights of a row spans its own [min, max] in 16 levels.
+    groups = w.unflatten(1, (4, 32))  # (96, 4, 32)
+    low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)
+    step = (high - low) / 15
+    scale, zero = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (96, 4) each
+    torch.testing.assert_close(scale, step[..., 0])
+    torch.testing.assert_close(zero, (low + 8 * step)[..., 0])
+    dequantized = (torch.round((groups - low) / step) * step + low).flatten(1)
+    assert ((dequantized - w).abs() <= step.repeat_interleave(32, dim=1).flatten(1) / 2 + 1e-6).all()
+    x = torch.randn(3, 5, 128, generator=generator)
+    torch.testing.assert_close(layer(x), x @ dequantized.T, atol=1e-4, rtol=1e-4)
+    assert layer.weight.numel() == w.numel() // 2  # two weights a byte
 
 
 def test_int8_model_logits_close_to_bf16(tmp_path):
@@ -30,10 +49,12 @@ def test_int8_model_logits_close_to_bf16(tmp_path):
     assert (a - b).abs().max() < 0.02 * a.abs().max()
 
 
-def test_int8_greedy_agrees_with_bf16_on_the_real_model(smollm2_dir):
+# int4 keeps 16 levels per group of 32 weights: about 2.5x int8's logit error, measured here.
+@pytest.mark.parametrize("quantize, agreement, logit_error", [("int8", 0.9, 0.05), ("int4", 0.8, 0.1)])
+def test_quantized_greedy_agrees_with_bf16_on_the_real_model(smollm2_dir, quantize, agreement, logit_error):
     n = 64
     runs = {}
-    for quantize in (None, "int8"):
+    for quantize in (None, quantize):
         model, tokenizer = llama_models.load(smollm2_dir, device="cpu", max_seq_len=160, quantize=quantize)
         tokens = llama_models.ChatFormat(tokenizer).encode_dialog_prompt(
             [{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
@@ -46,14 +67,14 @@ def test_int8_greedy_agrees_with_bf16_on_the_real_model(smollm2_dir):
                 tokens.append(runs[None][len(out) - 1] if runs else out[-1])
                 logits = model(torch.tensor([[tokens[-1]]]), len(tokens) - 1)
         runs[quantize], runs[(quantize, "first")] = out, first
-    agree = sum(a == b for a, b in zip(runs[None], runs["int8"])) / n
+    agree = sum(a == b for a, b in zip(runs[None], runs[quantize])) / n
     reference = runs[(None, "first")]
-    diff = (reference - runs[("int8", "first")]).abs().max().item()
+    diff = (reference - runs[(quantize, "first")]).abs().max().item()
     spread = (reference.max() - reference.min()).item()
-    print(f"int8 vs bf16 on SmolLM2: greedy agreement {agree:.0%} over {n} tokens, "
+    print(f"{quantize} vs bf16 on SmolLM2: greedy agreement {agree:.0%} over {n} tokens, "
           f"first-step max logit diff {diff:.2f} (logits span {spread:.1f})")
-    assert agree >= 0.9
-    assert diff < 0.05 * spread
+    assert agree >= agreement
+    assert diff < logit_error * spread
 
 
 def test_int8_load_peak_memory_is_about_half(tmp_path):
@@ -64,3 +85,13 @@ def test_int8_load_peak_memory_is_about_half(tmp_path):
     growth, _ = load_peak_growth(model_dir, tmp_path, quantize="int8")
     print(f"int8 peak RSS growth {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB bf16 checkpoint")
     assert growth <= 0.6 * size
+
+
+def test_quantize_errors_are_clear(tmp_path):
+    model_dir = checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown quantization 'int3' \(supported: int8, int4\)"):
+        llama_models.load(model_dir, device="cpu", quantize="int3")
+    with pytest.raises(ValueError, match=r"quantize='int4' runs on the CPU, with the whole model in memory"):
+        llama_models.load(model_dir, device="cpu", quantize="int4", max_memory="64GB")
+    with pytest.raises(ValueError, match=r"int4 needs a weight's columns in groups of 32 and rows in multiples of 16"):
+        Int4Linear(torch.zeros(16, 48), torch.bfloat16)

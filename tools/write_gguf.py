@@ -1,4 +1,4 @@
-"""Write a Meta-format checkpoint as a GGUF file for llama.cpp, at F32, BF16 or Q8_0.
+"""Write a Meta-format checkpoint as a GGUF file for llama.cpp, at F32, BF16, Q8_0 or Q4_1.
 
     python tools/write_gguf.py META_DIR OUT.gguf --type Q8_0
     python tools/write_gguf.py SmolLM2-dir smollm2-f32.gguf --type F32 --vocab-from SmolLM2.Q4_1.gguf
@@ -32,7 +32,8 @@ from tools.convert_gguf import (CONTROL_TOKEN, GLOBAL_TENSORS, LAYER_TENSORS, NO
 
 TYPES = {"F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
          "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-         "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+         "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+         "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
 # Meta's tensor names -> llama.cpp's: the inverse of the converter's tables.
 META_TO_GGUF = {meta: name for name, meta in GLOBAL_TENSORS.items()}
 META_LAYER_TO_GGUF = {meta: name for name, meta in LAYER_TENSORS.items()}
