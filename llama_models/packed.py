@@ -62,7 +62,11 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 1)  # a packed copy
 
     def forward(self, x):
-        return packed_linear(x, self.weight, self.out_features)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+            return packed_linear(x, self.weight, self.out_features)  # traceable, differentiable
+        # Plain inference calls the kernel directly: a custom op costs ~7 us per call in eager
+        # mode, 9% of a SmolLM2 decode step (211 linear layers).
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # model.state_dict() still gives the checkpoint's tensors, unpacked (a copy).
