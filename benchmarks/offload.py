@@ -90,8 +90,8 @@ def child(opts) -> dict:
         streamer = model.block_streamer
         if streamer is None:
             sys.exit(f"the whole model fits in --max-memory {opts.max_memory}: nothing to stream")
-    else:  # naive: the same file pages, no read-ahead
-        model, _ = llama_models.load(opts.model_dir, device="cpu", max_seq_len=max_seq_len)
+    else:  # naive: the same file pages (unpacked), no read-ahead
+        model, _ = llama_models.load(opts.model_dir, device="cpu", max_seq_len=max_seq_len, pack=False)
         streamer = BlockStreamer(model, prefetch=0)
     load_s = time.perf_counter() - start
     tokens = torch.randint(0, model.params.vocab_size, (1, opts.prompt_tokens + opts.decode_steps),
