@@ -35,7 +35,7 @@ MODELS = {  # name -> (directory in WORK, what it is, contenders)
     "smollm2": ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct, real weights (dequantized from Q4_1)",
                 [name for name in ALL if CONTENDERS[name].processes == 1]),
     "1b": ("llama3.2-1b", "random weights, Llama-3.2-1B shape, Llama 3 tokenizer", ALL),
-    "8b": ("llama3.1-8b", "random weights, Llama-3.1-8B shape (memory only)", ["ours-bf16", "ours-int8"]),
+    "8b": ("llama3.1-8b", "random weights, Llama-3.1-8B shape (memory only)", ["ours-bf16", "ours-int8", "ours-int4"]),
 }
 # About 30 tokens with either vocabulary; every contender gets the same ids.
 PROMPT = ("The history of the printing press begins in fifteenth-century Europe, where Johannes "
