@@ -250,7 +250,7 @@ def load(
             process, the file's dtype. With quantize="int8", the int8 blocks are written once
             into model_dir/int8/ (made again if the checkpoint changes) and streamed from there.
             A budget that holds the whole model changes nothing.
-        pack: on a CPU, in one process, without quantize or max_memory, reorder the linear
+        pack: on an x86 CPU, in one process, without quantize or max_memory, reorder the linear
             layers' weights into oneDNN's layout (llama_models.packed): 1.5x the decode speed
             here, the same results. False keeps them as plain Parameters, to change them in
             place or to take gradients with respect to them (gradients with respect to the

@@ -10,6 +10,8 @@ against 26 GB/s through F.linear; float32 32-35 against 19-24 GB/s. The results 
 F.linear up to float rounding (bitwise the same in the bf16 checks we ran).
 """
 
+import platform
+
 import torch
 from torch import nn
 
@@ -42,9 +44,12 @@ packed_linear.register_autograd(_backward, setup_context=_save_weight)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN packing exists for CPUs with a oneDNN build; bf16 needs a CPU that oneDNN runs it on
-    (AVX512 and newer on x86). Elsewhere the model keeps its plain linear layers."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    """Packing is used on x86 CPUs with oneDNN (the only ones it was measured on), in float32, or in
+    bf16 where oneDNN supports it (AVX512 and newer). Elsewhere (Apple and other ARM CPUs among
+    them) the model keeps its plain linear layers."""
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
