@@ -325,10 +325,11 @@ def model_summary(model) -> str:
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     cache_bytes = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
     dtype = str(model.norm.weight.dtype).removeprefix("torch.")
+    kinds = {type(m) for m in layers}
     for name, layer in llama_models.quantize.QUANTIZED_LINEARS.items():
-        if any(isinstance(m, layer) for m in model.modules()):
+        if layer in kinds:
             dtype += f", {name} linear weights"
-    if any(isinstance(m, llama_models.packed.PackedLinear) for m in model.modules()):
+    if llama_models.packed.PackedLinear in kinds:
         dtype += ", linear weights packed for oneDNN"
     return (f"model: {n_params / 1e6:.1f}M parameters, {args.n_layers} layers, dim {args.dim}, "
             f"{args.n_heads} heads / {args.n_kv_heads} kv heads of {args.head_dim}, vocab {args.vocab_size}, "
@@ -392,16 +393,15 @@ class Stats:
         if self.times:
             prefill = self.times[0] - self.start
             lines.append(f"prefill: {self.n_prompt / prefill:.1f} tok/s ({prefill:.3f} s, incl. the first new token)")
-        decode_times = self.times
         if self.compiled and len(self.times) > 1:
             lines.append(f"compile: {self.times[1] - self.times[0]:.1f} s (the first decode step)")
-            decode_times = self.times[1:]
+        decode_times = self.times[1:] if self.compiled else self.times
         if len(decode_times) > 1:
             decode, steps = decode_times[-1] - decode_times[0], len(decode_times) - 1
             per_row = f" = {steps} steps x {self.rows} beams" if self.rows > 1 else ""
             lines.append(f"decode: {steps * self.rows / decode:.1f} tok/s"
                          f" ({steps * self.rows} tokens{per_row} in {decode:.3f} s, after the first"
-                         f"{' two' if decode_times is not self.times else ''})")
+                         f"{' two' if self.compiled else ''})")
         lines.append(f"peak memory: {peak_memory(device)}")
         return "\n".join(lines)
 

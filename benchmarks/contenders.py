@@ -52,9 +52,9 @@ class Ours:
         if compile:
             self.model.compile_decode_step()  # compiles at the first decode step
 
-    def _next_token(self, tokens: list, start_pos: int) -> int:
+    def _next_token(self, tokens: list, start_pos: int, forward=None) -> int:
         with self.torch.inference_mode():
-            logits = self.model(self.torch.tensor([tokens]), start_pos)  # (1, len(tokens), vocab)
+            logits = (forward or self.model)(self.torch.tensor([tokens]), start_pos)  # (1, len(tokens), vocab)
         return int(logits[0, -1].argmax())
 
     def prefill(self, prompt: list) -> int:
@@ -63,9 +63,7 @@ class Ours:
 
     def decode(self, token: int) -> int:
         self.pos += 1
-        with self.torch.inference_mode():
-            logits = self.model.decode_step(self.torch.tensor([[token]]), self.pos - 1)  # (1, 1, vocab)
-        return int(logits[0, -1].argmax())
+        return self._next_token([token], self.pos - 1, self.model.decode_step)
 
 
 class Recompute(Ours):

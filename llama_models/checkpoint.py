@@ -264,6 +264,10 @@ def load(
     """
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
+    if quantize is not None and quantize not in QUANTIZED_LINEARS:
+        raise ValueError(f"unknown quantization {quantize!r} (supported: int8, int4)")
+    if quantize == "int4" and (device.type != "cpu" or max_memory is not None):
+        raise ValueError("quantize='int4' runs on the CPU, with the whole model in memory (no max_memory)")
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {model_dir} not found")
@@ -311,12 +315,8 @@ def load(
             raise ValueError("max_memory runs in one process only (not under torchrun)")
         from . import offload  # here, not at the top: offload uses release_pages from this module
     if quantize is not None:
-        if quantize not in QUANTIZED_LINEARS:
-            raise ValueError(f"unknown quantization {quantize!r} (supported: int8, int4)")
         if world_size > 1:
             raise ValueError(f"quantize={quantize!r} runs in one process only (not under torchrun)")
-        if quantize == "int4" and (device.type != "cpu" or max_memory is not None):
-            raise ValueError("quantize='int4' runs on the CPU, with the whole model in memory (no max_memory)")
         if max_memory is not None:
             # Streamed blocks must be pages of a file, and int8 made here would not be: quantize
             # them into files once (model_dir/int8/) and map those.

@@ -24,6 +24,15 @@ def fp32_state_dict(model_dir):
     return {k: v.float() for k, v in sd.items()}
 
 
+def greedy_logits(model, prompt: list, steps: int) -> list:
+    """Prefill, then `steps` greedy one-token passes through model.decode_step (eager, or compiled
+    after compile_decode_step): the logits of every pass, [(1, len(prompt), V), (1, 1, V), ...]."""
+    out = [model(torch.tensor([prompt]), 0)]
+    for pos in range(len(prompt), len(prompt) + steps):
+        out.append(model.decode_step(out[-1][:, -1:].argmax(-1), pos))
+    return out
+
+
 def meta_transformer(params: dict, state_dict, *, max_seq_len=128, max_batch_size=4, dtype=torch.float32):
     """Meta's reference Transformer (llama-models 0.3.0) holding `state_dict` in `dtype`."""
     from models.llama3.args import ModelArgs as MetaArgs

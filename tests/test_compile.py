@@ -5,7 +5,7 @@ import torch
 
 import llama_models
 import run_inference
-from helpers import checkpoint
+from helpers import checkpoint, greedy_logits
 
 PROMPT = [1, 50, 300, 7, 99, 12, 400, 3]
 
@@ -21,14 +21,6 @@ def no_recompiles():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
-def greedy_logits(model, steps):
-    """Prefill, then `steps` greedy decode steps through model.decode_step: every step's logits."""
-    out = [model(torch.tensor([PROMPT]), 0)[:, -1]]
-    for pos in range(len(PROMPT), len(PROMPT) + steps):
-        out.append(model.decode_step(out[-1].argmax(-1, keepdim=True), pos)[:, -1])
-    return torch.cat(out)  # (steps + 1, V)
-
-
 @pytest.mark.parametrize("dtype, quantize, tolerance", [
     (torch.float32, None, 1e-5),  # fused kernels reorder float sums: float32 rounding only
     (torch.bfloat16, None, 0.01),  # a fused RMSNorm skips bf16 roundings eager makes: ~1 bf16 ulp
@@ -42,7 +34,7 @@ def test_compiled_steps_match_eager(tmp_path, dtype, quantize, tolerance):
         if compiled:
             model.compile_decode_step()
         with torch.inference_mode():
-            runs[compiled] = greedy_logits(model, 12)
+            runs[compiled] = torch.cat([logits[:, -1] for logits in greedy_logits(model, PROMPT, 12)])  # (13, V)
     eager, compiled = runs[False], runs[True]
     diff = (eager - compiled).abs().max().item()
     span = (eager.max() - eager.min()).item()

@@ -20,7 +20,7 @@ import torch
 
 import llama_models
 import run_inference
-from helpers import tiny_params
+from helpers import greedy_logits, tiny_params
 from llama_models.offload import streamed_tensors
 from tools.make_checkpoint import make_checkpoint
 
@@ -103,14 +103,6 @@ class ResidencySampler:
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
-
-
-def greedy_logits(model, prompt, steps):
-    """Prefill, then `steps` greedy one-token passes; the logits of every pass."""
-    out = [model(torch.tensor([prompt]), 0)]
-    for pos in range(len(prompt), len(prompt) + steps):
-        out.append(model(out[-1][:, -1:].argmax(-1), pos))
-    return out
 
 
 def test_streamed_logits_tokens_and_beams_equal_in_memory(model_dir):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_models
-from helpers import checkpoint
+from helpers import checkpoint, greedy_logits
 from llama_models.packed import PackedLinear, can_pack
 
 CPU = torch.device("cpu")
@@ -30,14 +30,12 @@ def test_packed_linear_is_f_linear(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_model_equals_unpacked(tmp_path, dtype):
     model_dir = checkpoint(tmp_path, seed=3)
-    tokens = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     logits = {}
     for pack in (False, True):
         model, _ = llama_models.load(model_dir, device="cpu", dtype=dtype, max_seq_len=32, pack=pack)
         with torch.inference_mode():
-            prefill = model(tokens, 0)
-            steps = [model(prefill[:, -1:].argmax(-1), 20), model(torch.tensor([[5]]), 21)]
-        logits[pack] = torch.cat([prefill, *steps], dim=1)
+            logits[pack] = torch.cat(greedy_logits(model, prompt, 2), dim=1)  # prefill + 2 steps
         if pack:
             assert isinstance(model.layers[1].feed_forward.w3, PackedLinear) and isinstance(model.output, PackedLinear)
             # state_dict() gives back the checkpoint's tensors under their names, unpacked.
