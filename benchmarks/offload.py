@@ -5,9 +5,10 @@
 
 When the weights do not fit, each forward pass reads every transformer block from disk once,
 so the limit is checkpoint bytes / disk read bandwidth. This measures, in one run:
-1. the disk's sequential read bandwidth on the checkpoint itself, page cache evicted first, two
-   ways (O_DIRECT reads of 64 MiB, and the streamer's own reader: MADV_POPULATE_READ on the
-   mmapped file); the faster one is the limit we compare against;
+1. the disk's sequential read bandwidth on the checkpoint itself, page cache evicted first,
+   three ways: O_DIRECT reads of 64 MiB into 4 KiB pages, the same into huge pages (the
+   streamer's reader), and MADV_POPULATE_READ on the mmapped file (through the page cache);
+   the fastest is the limit we compare against;
 2. load(max_memory=...) in a fresh process, cache evicted before it starts: peak RSS (VmHWM,
    touched mmapped pages included), a prefill of --prompt-tokens, then --decode-steps one-token
    passes, each timed, and the bytes each pass read from disk (/proc/self/io);
@@ -15,8 +16,10 @@ so the limit is checkpoint bytes / disk read bandwidth. This measures, in one ru
 """
 
 import argparse
+import ctypes
 import datetime
 import json
+import mmap
 import os
 import platform
 import subprocess
@@ -29,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
 from llama_models.checkpoint import mapped_file, release_pages  # noqa: E402
-from llama_models.offload import BlockStreamer, page_in, parse_memory  # noqa: E402
+from llama_models.offload import BlockStreamer, huge_page_buffer, parse_memory  # noqa: E402
 from run import KEEP_MARKER  # noqa: E402  (benchmarks/run.py, beside this script)
 
 CHUNK = 64 << 20
@@ -44,12 +47,16 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def direct_read_bandwidth(path: Path) -> float:
-    """Bytes/s reading the file front to back with O_DIRECT (no page cache at all)."""
+def direct_read_bandwidth(path: Path, huge_pages: bool) -> float:
+    """Bytes/s reading the file front to back with O_DIRECT (no page cache at all), into a buffer
+    in 4 KiB pages or in huge pages (as BlockStreamer does)."""
     evict(path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buffer = torch.empty(CHUNK + 4096, dtype=torch.uint8)
-    aligned = buffer[-buffer.data_ptr() % 4096:][:CHUNK].numpy()  # O_DIRECT needs an aligned buffer
+    if huge_pages:
+        aligned = huge_page_buffer(CHUNK).numpy()
+    else:
+        buffer = torch.empty(CHUNK + 4096, dtype=torch.uint8)
+        aligned = buffer[-buffer.data_ptr() % 4096:][:CHUNK].numpy()  # O_DIRECT needs an aligned buffer
     start, total = time.perf_counter(), 0
     try:
         while n := os.readv(fd, [aligned]):
@@ -59,15 +66,23 @@ def direct_read_bandwidth(path: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
+def page_in(tensor: torch.Tensor) -> None:
+    """Read the pages of a mmapped tensor from disk into memory (Linux 5.14+: MADV_POPULATE_READ)."""
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = tensor.data_ptr() + tensor.nbytes - start
+    if ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 22) != 0:
+        raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_READ) failed")
+
+
 def mmap_read_bandwidth(path: Path) -> float:
-    """Bytes/s paging the mmapped file in with the streamer's reader, releasing as it goes."""
+    """Bytes/s paging the mmapped file in through the page cache, releasing as it goes."""
     evict(path)
     size = path.stat().st_size
     mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
     start = time.perf_counter()
     for offset in range(0, size, 8 * CHUNK):
         chunk = mapped[offset:offset + 8 * CHUNK]
-        page_in([chunk])
+        page_in(chunk)
         release_pages(chunk, evict=mapped_file(chunk.data_ptr()))
     return size / (time.perf_counter() - start)
 
@@ -90,7 +105,7 @@ def child(opts) -> dict:
         streamer = model.block_streamer
         if streamer is None:
             sys.exit(f"the whole model fits in --max-memory {opts.max_memory}: nothing to stream")
-    else:  # naive: the same file pages (unpacked), no read-ahead
+    else:  # naive: the same reads, one slot, no read-ahead (unpacked: BlockStreamer needs the file's weights)
         model, _ = llama_models.load(opts.model_dir, device="cpu", max_seq_len=max_seq_len, pack=False)
         streamer = BlockStreamer(model, prefetch=0)
     load_s = time.perf_counter() - start
@@ -98,8 +113,8 @@ def child(opts) -> dict:
                            generator=torch.Generator().manual_seed(0))
     passes = []  # (tokens in the pass, seconds, bytes read from disk, seconds waiting for reads)
     with torch.inference_mode():
-        prompt = opts.prompt_tokens if opts.mode == "stream" else 1  # naive: decode steps only
-        steps = [(0, prompt)] + [(p, p + 1) for p in range(prompt, prompt + opts.decode_steps)]
+        n = opts.prompt_tokens
+        steps = [(0, n)] + [(p, p + 1) for p in range(n, n + opts.decode_steps)]  # a prefill, then decode steps
         for begin, end in steps:
             read, waited, start = disk_bytes_read(), streamer.waited_s, time.perf_counter()
             model(tokens[:, begin:end], begin)
@@ -134,10 +149,10 @@ def run_child(opts, mode: str) -> dict:
 SECTION = "## Streaming a model bigger than memory (`--max-memory`, benchmarks/offload.py)"
 
 
-def report(opts, load_average, direct_bw, mmap_bw, prepare, stream, naive) -> str:
+def report(opts, load_average, bandwidths, prepare, stream, naive) -> str:
     files = streamed_files(opts)
     size = sum(path.stat().st_size for path in files)
-    bandwidth = max(direct_bw, mmap_bw)
+    bandwidth = max(bandwidths.values())
     limit = size / bandwidth
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -156,9 +171,8 @@ def report(opts, load_average, direct_bw, mmap_bw, prepare, stream, naive) -> st
         "|---|---|",
         f"| streamed: {files[0].name if len(files) == 1 else f'{files[0].parent.name}/*.pth (written by load)'}"
         f" | {size / 1e9:.2f} GB, {stream['n_layers']} blocks |",
-        f"| disk read bandwidth, cache evicted: O_DIRECT 64 MiB reads | {direct_bw / 1e9:.2f} GB/s |",
-        f"| disk read bandwidth, cache evicted: mmap + MADV_POPULATE_READ | {mmap_bw / 1e9:.2f} GB/s |",
-        f"| limit: file size / the faster bandwidth | {limit:.2f} s per pass |",
+        *(f"| disk read bandwidth, cache evicted: {way} | {bw / 1e9:.2f} GB/s |" for way, bw in bandwidths.items()),
+        f"| limit: file size / the fastest bandwidth | {limit:.2f} s per pass |",
         f"| blocks resident at once (budget {budget / 1e9:.1f} GB) | {stream['resident_blocks']} |",
         f"| peak RSS of the process (VmHWM) | {stream['peak_rss'] / 1e9:.2f} GB |",
         f"| decode pass, streamed with read-ahead (median of {len(decode)}) | {decode_s:.2f} s = "
@@ -178,6 +192,8 @@ def report(opts, load_average, direct_bw, mmap_bw, prepare, stream, naive) -> st
         naive_s = sorted(p[1] for p in naive["passes"][1:])[len(naive["passes"][1:]) // 2]
         lines.append(f"| naive decode pass: read a block, compute, release (median of {len(naive['passes']) - 1}) | "
                      f"{naive_s:.2f} s = {naive_s / limit:.2f}x the limit, peak RSS {naive['peak_rss'] / 1e9:.2f} GB |")
+        lines.append(f"| naive prefill of {naive['passes'][0][0]} tokens | {naive['passes'][0][1]:.2f} s = "
+                     f"{naive['passes'][0][1] / naive_s:.2f}x its decode pass |")
     lines += ["", "All passes, seconds (tokens): streamed "
               + ", ".join(f"{p[1]:.2f} ({p[0]})" for p in stream["passes"])
               + ("; naive " + ", ".join(f"{p[1]:.2f} ({p[0]})" for p in naive["passes"]) if naive else "") + ".", ""]
@@ -206,12 +222,14 @@ def main():
         return
     path = opts.model_dir / "consolidated.00.pth"
     load_average = os.getloadavg()[0]
-    direct_bw, mmap_bw = direct_read_bandwidth(path), mmap_read_bandwidth(path)
-    print(f"read bandwidth: O_DIRECT {direct_bw / 1e9:.2f} GB/s, mmap {mmap_bw / 1e9:.2f} GB/s", file=sys.stderr)
+    bandwidths = {"O_DIRECT 64 MiB reads, 4 KiB pages": direct_read_bandwidth(path, huge_pages=False),
+                  "O_DIRECT 64 MiB reads, huge pages (the streamer's reader)": direct_read_bandwidth(path, huge_pages=True),
+                  "mmap + MADV_POPULATE_READ (page cache)": mmap_read_bandwidth(path)}
+    print(", ".join(f"{way}: {bw / 1e9:.2f} GB/s" for way, bw in bandwidths.items()), file=sys.stderr)
     prepare = run_child(opts, "prepare") if opts.quantize else None
     stream = run_child(opts, "stream")
     naive = None if opts.quantize else run_child(opts, "naive")
-    text = report(opts, load_average, direct_bw, mmap_bw, prepare, stream, naive)
+    text = report(opts, load_average, bandwidths, prepare, stream, naive)
     print(text)
     if opts.append:
         existing = opts.append.read_text() if opts.append.exists() else ""
