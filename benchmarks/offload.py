@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
 from llama_models.checkpoint import mapped_file, release_pages  # noqa: E402
-from llama_models.offload import BlockStreamer, huge_page_buffer, parse_memory  # noqa: E402
+from llama_models.offload import BlockStreamer, huge_page_buffer, parse_memory, streamed_tensors  # noqa: E402
 from run import KEEP_MARKER  # noqa: E402  (benchmarks/run.py, beside this script)
 
 CHUNK = 64 << 20
@@ -121,7 +121,8 @@ def child(opts) -> dict:
             passes.append((end - begin, time.perf_counter() - start, disk_bytes_read() - read,
                            streamer.waited_s - waited))
     return dict(mode=opts.mode, resident_blocks=1 + streamer.prefetch, n_layers=model.params.n_layers, load_s=load_s,
-                passes=passes, peak_rss=status("VmHWM:"))
+                passes=passes, peak_rss=status("VmHWM:"),
+                block_bytes=sum(t.nbytes for block in model.layers for t in streamed_tensors(block)))
 
 
 def streamed_files(opts) -> list[Path]:
@@ -173,6 +174,8 @@ def report(opts, load_average, bandwidths, prepare, stream, naive) -> str:
         f" | {size / 1e9:.2f} GB, {stream['n_layers']} blocks |",
         *(f"| disk read bandwidth, cache evicted: {way} | {bw / 1e9:.2f} GB/s |" for way, bw in bandwidths.items()),
         f"| limit: file size / the fastest bandwidth | {limit:.2f} s per pass |",
+        f"| (what a pass must read, the blocks ({stream['block_bytes'] / 1e9:.2f} GB) / the fastest bandwidth) | "
+        f"{stream['block_bytes'] / bandwidth:.2f} s |",
         f"| blocks resident at once (budget {budget / 1e9:.1f} GB) | {stream['resident_blocks']} |",
         f"| peak RSS of the process (VmHWM) | {stream['peak_rss'] / 1e9:.2f} GB |",
         f"| decode pass, streamed with read-ahead (median of {len(decode)}) | {decode_s:.2f} s = "
