@@ -35,11 +35,28 @@ class Int8Linear(nn.Module):
             self.weight[rows] = torch.round(w / scales[:, None]).to(torch.int8)
             self.scales[rows] = scales.to(dtype)
 
+    MANY_ROWS = 16  # from here on, on the CPU, the float matmul wins (200 rows: 2-3x faster)
+    CHUNK = 1024  # output rows dequantized at a time: scratch memory of CHUNK x in_features
+
     def forward(self, x):
         if x.device.type == "cuda":  # no fused kernel there: dequantize, then a normal matmul
             return F.linear(x, self.weight.to(x.dtype)) * self.scales
-        # CPU and MPS: a kernel that reads the int8 weights directly (dequantizing on the fly).
-        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        if rows.shape[0] < self.MANY_ROWS or x.device.type != "cpu":
+            # Decoding, and MPS: a kernel that reads the int8 weights directly, dequantizing on
+            # the fly. On the CPU it is made for a few rows: at a prompt's 200 rows it runs at a
+            # third of the float matmul's speed.
+            out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        else:
+            # A prompt on the CPU: dequantize CHUNK output rows at a time into a float matmul, and
+            # scale afterwards: x @ (W_int8 * scale).T = (x @ W_int8.T) * scale. One rounding more
+            # than the kernel: over a 200-token SmolLM2 prompt, the mean logit error against
+            # exact float math on the same int8 weights is 0.12 instead of 0.09 (logits span 34).
+            out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+            for start in range(0, self.out_features, self.CHUNK):
+                chunk = slice(start, start + self.CHUNK)
+                torch.mm(rows, self.weight[chunk].to(x.dtype).T, out=out[:, chunk])
+            out *= self.scales
         return out.view(*x.shape[:-1], -1)
 
 

@@ -8,15 +8,18 @@ from helpers import checkpoint, load_peak_growth, memory_test_checkpoint
 from llama_models.quantize import Int4Linear, Int8Linear
 
 
-def test_int8_linear_is_per_row_rounding():
-    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 1, 96)[:, None]
+# Fewer than Int8Linear.MANY_ROWS rows (decoding) go through the int8 kernel, more (a prompt)
+# through the float matmul, Int8Linear.CHUNK output rows at a time: 2100 rows make 3 chunks.
+@pytest.mark.parametrize("x_shape", [(1, 1, 64), (3, 5, 64), (2, 40, 64)])
+def test_int8_linear_is_per_row_rounding(x_shape):
+    w = torch.randn(2100, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 1, 2100)[:, None]
     layer = Int8Linear(w, torch.float32)
     scales = w.abs().amax(dim=1) / 127  # one scale per output row
     assert torch.allclose(layer.scales, scales)
     dequantized = layer.weight.float() * layer.scales[:, None]
     assert ((dequantized - w).abs() <= scales[:, None] / 2 + 1e-7).all()  # within half a step
-    x = torch.randn(3, 5, 64)
-    assert torch.allclose(layer(x), x @ dequantized.T, atol=1e-4, rtol=1e-5)
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x), x @ dequantized.T, atol=1e-4, rtol=1e-5)
 
 
 def test_int4_linear_is_per_group_rounding():
