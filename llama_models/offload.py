@@ -88,16 +88,16 @@ def resident_weights(model: nn.Module) -> list[torch.Tensor]:
     return [t for ptr, t in everything.items() if ptr not in streamed and mapped_file(ptr) is not None]
 
 
-def resident_blocks(model: nn.Module, max_memory: int) -> int:
+def resident_blocks(model: nn.Module, max_memory: int, resident: list[torch.Tensor]) -> int:
     """How many transformer blocks may be in memory at once for the process to stay in max_memory.
 
     The budget covers the whole process: what it holds now (measured: the interpreter, PyTorch,
     the KV cache, int8 weights made in memory; so call this before the file's pages are
     touched), the file's weights that stay resident once read (embeddings, norms, output head),
     activations, and the streamed blocks. At least two blocks must fit: the one computing and the
-    next one being read.
+    next one being read. `resident`: resident_weights(model).
     """
-    kept = _nbytes(resident_weights(model))
+    kept = _nbytes(resident)
     block = slot_layout(model)[1]
     now = _process_rss()
     fixed = now + ACTIVATIONS + kept
@@ -129,13 +129,14 @@ def slot_layout(model: nn.Module) -> tuple[list[int], int]:
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """nbytes of zeroed memory, starting at a huge page boundary, in huge pages where the kernel has them."""
     # Private: anonymous memory shared between processes (mmap's default) gets no huge pages.
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # kept alive by frombuffer
-    start = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % HUGE_PAGE
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = torch.frombuffer(region, dtype=torch.uint8)  # keeps region alive
+    start = -memory.data_ptr() % HUGE_PAGE
     try:
         region.madvise(mmap.MADV_HUGEPAGE, start, _up(nbytes, HUGE_PAGE))
     except OSError:
         pass  # a kernel without transparent huge pages: 4 KiB pages, slower reads, same results
-    memory = torch.frombuffer(region, dtype=torch.uint8)[start:start + nbytes]
+    memory = memory[start:start + nbytes]
     memory.zero_()  # touch it now, at load, not in the first forward pass
     return memory
 
@@ -285,9 +286,12 @@ def stream_blocks(model: nn.Module, max_memory: Union[int, str]) -> Optional[Blo
             raise ValueError(f"max_memory streams the weights from the mmapped checkpoint file, but "
                              f"layers.0.{name} is not in it ({t.dtype} on {t.device}): load on the CPU, "
                              f"in the file's dtype")
-    n = resident_blocks(model, max_memory)
+    resident = resident_weights(model)
+    n = resident_blocks(model, max_memory, resident)
+    if n == len(model.layers):
+        return None  # the whole model fits: nothing to stream
     libc = ctypes.CDLL(None)
-    for t in resident_weights(model):
+    for t in resident:
         if t is model.tok_embeddings.weight and t is not model.output.weight:
             # A lookup reads only its tokens' rows: 200 tokens read 3 MB of Llama 3's 1 GB
             # embedding, where the kernel's read-around of each fault would read most of it.
@@ -298,4 +302,4 @@ def stream_blocks(model: nn.Module, max_memory: Union[int, str]) -> Optional[Blo
             # not in the middle of the first pass. A throwaway sum touches every page.
             with torch.no_grad():
                 t.sum()
-    return BlockStreamer(model, prefetch=n - 1) if n < len(model.layers) else None
+    return BlockStreamer(model, prefetch=n - 1)

@@ -49,6 +49,12 @@ def block_bytes(model):
     return sum(t.numel() * t.element_size() for t in streamed_tensors(model.layers[0]))
 
 
+def kept_bytes(model):
+    """The weights that stay resident: embeddings, norms, output head (all but the streamed blocks)."""
+    everything = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return everything - len(model.layers) * block_bytes(model)
+
+
 def load_streamed(model_dir, **kwargs):
     """load() with a budget that streams: what the too-small error says it needs, plus ~1.5 blocks.
 
@@ -162,8 +168,7 @@ def test_at_most_the_budgeted_blocks_are_resident(model_dir):
     assert resident * block <= slots_peak <= resident * slot + (2 << 20)
     # The file's mapping holds only the embeddings, norms and output head (kept), and pages a
     # streamed weight shares with them: a block's own pages are never touched there.
-    kept = sum(t.numel() * t.element_size() for t in streamed.state_dict().values()) - len(streamed.layers) * block
-    assert in_file_peak <= kept + sum(len(streamed_tensors(b)) for b in streamed.layers) * 2 * page
+    assert in_file_peak <= kept_bytes(streamed) + sum(len(streamed_tensors(b)) for b in streamed.layers) * 2 * page
 
     # The same measurement on the in-memory model (unpacked: its weights stay pages of the
     # file) sees every block.
@@ -240,7 +245,7 @@ def test_each_pass_reads_the_weights_once_and_the_page_cache_lets_go(model_dir):
     # read: without the eviction it would hold the whole file.
     path = model_dir / "consolidated.00.pth"
     cached = pages_cached(path) * mmap.PAGESIZE
-    kept = sum(t.numel() * t.element_size() for t in streamed.state_dict().values()) - n_blocks * block
+    kept = kept_bytes(streamed)
     readahead = readahead_bytes(path)
     print(f"page cache holds {cached / 1e6:.1f} MB of the {path.stat().st_size / 1e6:.1f} MB file; {resident} "
           f"blocks + kept = {(resident * block + kept) / 1e6:.1f} MB, readahead window {readahead / 1e6:.1f} MB")
@@ -267,8 +272,7 @@ def test_without_o_direct_the_reads_go_through_the_page_cache_and_leave_it(model
         expected, got = greedy_logits(reference, prompt, 4), greedy_logits(streamed, prompt, 4)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     path = model_dir / "consolidated.00.pth"
-    kept = sum(t.numel() * t.element_size() for t in streamed.state_dict().values()) - len(streamed.layers) * block_bytes(streamed)
-    assert pages_cached(path) * mmap.PAGESIZE <= kept + 4 * readahead_bytes(path) < path.stat().st_size
+    assert pages_cached(path) * mmap.PAGESIZE <= kept_bytes(streamed) + 4 * readahead_bytes(path) < path.stat().st_size
 
 
 def test_a_budget_too_small_is_a_clear_error(model_dir):
