@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import llama_models
 import llama_models.packed
 import llama_models.quantize
-from llama_models.checkpoint import error_message
+from llama_models import cli
 
 try:
     import resource  # peak memory of this process; Unix only
@@ -61,6 +61,10 @@ MAX_MEMORY = None
 COMPILE = False
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
 MAX_SEQ_LEN = 2048  # prompt + new tokens; the KV cache is allocated for this many positions
+# CPU threads for the matrix products (torch's default: one per core). Decoding is bound by
+# memory bandwidth, which one or two cores saturate, and every product waits for its slowest
+# thread: on a machine busy with other work, fewer threads than cores can be much faster.
+THREADS = torch.get_num_threads()
 
 # --- how to choose each token ---
 DECODING = "greedy"  # "greedy": the most likely token; "sample": draw one; "beam": beam search
@@ -121,11 +125,12 @@ def decode_loop(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_to
                 choose: Callable[[torch.Tensor], int],
                 on_step: Optional[Callable[[torch.Tensor, int], None]] = None) -> Iterator[int]:
     """The loop greedy() and sample() share; `choose` picks a token id from (V,) logits."""
-    device = model.tok_embeddings.weight.device
+    device, dtype = model.tok_embeddings.weight.device, model.norm.weight.dtype
     # Prefill: the whole prompt in one forward pass writes the keys and values of positions
     # 0 .. len(prompt)-1 into the cache; only the last position's logits are needed.
     logits = model(torch.tensor([prompt_tokens], device=device), start_pos=0)[0, -1]  # (V,)
     for pos in range(len(prompt_tokens), len(prompt_tokens) + max_new_tokens):
+        cli.check_finite(logits, pos, dtype)  # NaN logits have no sensible next token: stop, say why
         token = choose(logits)
         if on_step:
             on_step(logits, token)
@@ -233,6 +238,7 @@ def beam_search(model, prompt_tokens: list[int], *, beam_width: int, max_new_tok
     finished = []  # the pool: [(tokens, score)], best first, at most K
 
     for step in range(1, max_new_tokens + 1):  # step = tokens in each hypothesis after this step
+        cli.check_finite(logits, prompt_len + step - 1, model.norm.weight.dtype)
         # Score every extension of every beam: (beams, V), flattened so that one topk ranks them
         # all. Row-major order: entry i is beam i // V, token i % V.
         totals = F.log_softmax(logits, dim=-1) + beam_logprobs[:, None]
@@ -315,14 +321,21 @@ def model_summary(model) -> str:
     args = model.params
     # Weights: the parameters (counted once per storage: a tied output layer shares its tensor
     # with the embedding), plus the layers that hold their weights in other forms: int8 and int4
-    # buffers, oneDNN-packed tensors (a second copy of a tied output layer's weight).
+    # buffers, oneDNN-packed tensors. Parameters are counted as the checkpoint defines them; a
+    # replaced layer made from a tensor that is still a parameter (a tied output head: the
+    # embedding stays plain for its lookups) is a copy, counted under memory only.
     special = (llama_models.packed.PackedLinear, *llama_models.quantize.QUANTIZED_LINEARS.values())
     layers = [m for m in model.modules() if isinstance(m, special)]
-    params = {t.data_ptr(): t for t in model.parameters()}.values()
-    n_params = sum(t.numel() for t in params if t.dim() == 2) + sum(m.in_features * m.out_features for m in layers)
-    # A quantized layer's tensors are buffers; a packed layer's one tensor is a plain attribute.
-    tensors = [*params, *(t for m in layers for t in ([*m.buffers()] or [m.weight]))]
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    params = {t.data_ptr(): t for t in model.parameters()}
+    copies = [m for m in layers if m.tied]
+    n_params = (sum(t.numel() for t in params.values() if t.dim() == 2)
+                + sum(m.in_features * m.out_features for m in layers if m not in copies))
+
+    def nbytes(layers):  # a quantized layer's tensors are buffers; a packed layer's one tensor is an attribute
+        return sum(t.numel() * t.element_size() for m in layers for t in ([*m.buffers()] or [m.weight]))
+
+    weight_bytes = sum(t.numel() * t.element_size() for t in params.values()) + nbytes(layers)
+    copy_note = f", of which {nbytes(copies) / 2**20:.1f} MiB the output head's copy of the tied embedding" if copies else ""
     cache_bytes = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
     dtype = str(model.norm.weight.dtype).removeprefix("torch.")
     kinds = {type(m) for m in layers}
@@ -334,7 +347,7 @@ def model_summary(model) -> str:
     return (f"model: {n_params / 1e6:.1f}M parameters, {args.n_layers} layers, dim {args.dim}, "
             f"{args.n_heads} heads / {args.n_kv_heads} kv heads of {args.head_dim}, vocab {args.vocab_size}, "
             f"{dtype}\n"
-            f"memory: weights {weight_bytes / 2**20:.1f} MiB + KV cache {cache_bytes / 2**20:.1f} MiB "
+            f"memory: weights {weight_bytes / 2**20:.1f} MiB{copy_note} + KV cache {cache_bytes / 2**20:.1f} MiB "
             f"({args.max_batch_size} x {args.max_seq_len} positions)")
 
 
@@ -402,6 +415,8 @@ class Stats:
             lines.append(f"decode: {steps * self.rows / decode:.1f} tok/s"
                          f" ({steps * self.rows} tokens{per_row} in {decode:.3f} s, after the first"
                          f"{' two' if self.compiled else ''})")
+        if device.type == "cpu":
+            lines.append(f"threads: {torch.get_num_threads()}")
         lines.append(f"peak memory: {peak_memory(device)}")
         return "\n".join(lines)
 
@@ -418,11 +433,12 @@ def peak_memory(device) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add = parser.add_argument
     add("--model-dir", type=Path, default=LLAMA_MODELS_DIR / MODEL_NAME,
         help="checkpoint directory (params.json, consolidated.00.pth, tokenizer.model)")
     add("--prompt", default=INPUT_STRING, help="text to continue, or the user's message with --chat")
+    add("--prompt-file", help="read the prompt from this file instead; - reads standard input")
     add("--chat", action=argparse.BooleanOptionalAction, default=CHAT,
         help="wrap the prompt in the chat template (default: when the folder name contains 'instruct')")
     add("--system", default=SYSTEM_PROMPT, help="system prompt, chat mode only")
@@ -437,6 +453,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
     add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
         help="torch.compile the decode step (the first step compiles)")
+    add("--threads", type=int, default=THREADS, help="CPU threads")
     add("--decoding", choices=["greedy", "sample", "beam"], default=DECODING, help="how to pick tokens")
     add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")
     add("--top-k", type=int, default=TOP_K, help="sample: keep the k most likely tokens; 0 = all")
@@ -465,7 +482,7 @@ def check_args(args) -> None:
         (args.top_k >= 0, f"--top-k must be 0 (off) or more, got {args.top_k}"),
         (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.show_top >= 0, f"--show-top must be 0 (off) or more, got {args.show_top}"),
-        (args.prompt.strip() != "", "the prompt is empty"),
+        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -474,8 +491,11 @@ def check_args(args) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    # Bad input, a missing checkpoint or Ctrl-C while loading: one line and an exit code.
+    with cli.user_errors(args.model_dir, MODEL_NAME):
         check_args(args)
+        args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
+        torch.set_num_threads(args.threads)
         device = llama_models.resolve_device(args.device)
         start = time.perf_counter()
         model, tokenizer = llama_models.load(
@@ -489,13 +509,14 @@ def main(argv=None):
         if len(prompt_tokens) >= args.max_seq_len:
             raise ValueError(f"the prompt is {len(prompt_tokens)} tokens, which leaves no room for new ones "
                              f"in --max-seq-len {args.max_seq_len}")
-    except (ValueError, llama_models.CheckpointError) as e:
-        sys.exit(error_message(e, args.model_dir, MODEL_NAME))
 
     # Under torchrun, every process runs this same loop on its slice of the model.
     llama_models.print_on_first_process_only()
     print(f"loaded {args.model_dir} in {load_s:.1f} s", file=sys.stderr)
     print(model_summary(model), file=sys.stderr)
+    if args.max_memory:
+        print(model.block_streamer or f"max_memory {args.max_memory} holds the whole model: nothing is streamed",
+              file=sys.stderr)
     max_new_tokens = min(args.max_new_tokens, args.max_seq_len - len(prompt_tokens))
     if max_new_tokens < args.max_new_tokens:
         print(f"note: at most {max_new_tokens} new tokens fit in --max-seq-len {args.max_seq_len}", file=sys.stderr)
@@ -511,6 +532,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         interrupted = True
         print("\n[interrupted]", file=sys.stderr)
+    except cli.NonFiniteLogits as e:
+        sys.exit(f"error: {e}")
     print("\n" + stats.report(device), file=sys.stderr)
     if interrupted:
         sys.exit(130)  # the shell's code for "ended by Ctrl-C"
@@ -559,7 +582,7 @@ def run_beam_search(model, tokenizer, prompt_tokens, max_new_tokens, args, stats
             for c in candidates[:args.show_top]:
                 print(f"  {c.fate:>8}  from beam {c.parent}  logprob {c.logprob:9.4f}  "
                       f"+{token_text(tokenizer, c.tokens[-1])}  {tokenizer.decode(c.tokens)!r}", flush=True)
-        else:
+        elif sys.stderr.isatty():  # a line redrawn in place; in a log file it would be one endless line
             print(f"\rbeam search: step {step}/{max_new_tokens}, {len(finished)}/{args.beam_width} finished",
                   end="", file=sys.stderr, flush=True)
 

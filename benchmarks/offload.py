@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
-from llama_models.checkpoint import mapped_file, release_pages  # noqa: E402
+from llama_models.pages import mapped_file, release_pages  # noqa: E402
 from llama_models.offload import BlockStreamer, huge_page_buffer, parse_memory, streamed_tensors  # noqa: E402
 from run import KEEP_MARKER  # noqa: E402  (benchmarks/run.py, beside this script)
 

@@ -2,7 +2,8 @@
 
 from .args import ModelArgs
 from .chat_format import ChatFormat
-from .checkpoint import CheckpointError, default_dtype, load, resolve_device
+from .checkpoint import CheckpointError, load
+from .device import default_dtype, resolve_device
 from .distributed import init_distributed, print_on_first_process_only
 from .model import Transformer
 from .tokenizer import Tokenizer

@@ -69,6 +69,13 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def process_counts(self) -> list[int]:
+        """The numbers of processes the model splits over (torchrun --nproc_per_node): each takes
+        the same number of query heads, and n_kv_heads divides among them or each keeps a copy
+        of one kv head."""
+        return [n for n in range(1, self.n_heads + 1)
+                if self.n_heads % n == 0 and (self.n_kv_heads % n == 0 or n % self.n_kv_heads == 0)]
+
     @classmethod
     def from_params(cls, params: dict, source: str = "params.json", **runtime) -> "ModelArgs":
         """Build ModelArgs from a params.json dict plus runtime sizes (max_seq_len, max_batch_size).

@@ -1,11 +1,8 @@
 """Load a Meta-format checkpoint directory: params.json, consolidated.00.pth, tokenizer.model."""
 
-import ctypes
+import difflib
 import json
-import mmap
-import os
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
@@ -13,10 +10,13 @@ from typing import Optional, Union
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
+from . import offload
 from .args import ModelArgs
+from .device import default_dtype, resolve_device
 from .distributed import init_distributed
 from .model import Transformer
 from .packed import can_pack, pack_linears
+from .pages import release_pages
 from .quantize import QUANTIZED_LINEARS, quantize_linears
 from .tokenizer import Tokenizer
 
@@ -37,44 +37,17 @@ class CheckpointError(Exception):
 
 
 def error_message(error: Exception, model_dir: Path, model_name: str) -> str:
-    """What a script prints when load() fails: for a missing checkpoint, where to get one."""
-    if isinstance(error, CheckpointError) and not Path(model_dir).joinpath("params.json").exists():
+    """What a script prints when load() fails: for a missing checkpoint, where to get one, or,
+    when its folder holds other checkpoints, their names (a typo is likelier than a missing download)."""
+    model_dir = Path(model_dir).expanduser()
+    if isinstance(error, CheckpointError) and not model_dir.joinpath("params.json").exists():
+        others = sorted(p.parent.name for p in model_dir.parent.glob("*/params.json")) if model_dir.parent.is_dir() else []
+        if others and not model_dir.exists():
+            close = difflib.get_close_matches(model_dir.name, others, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            return f"error: {error}; {hint}checkpoints in {model_dir.parent}: {', '.join(others)}"
         return MISSING_CHECKPOINT.format(error=error, name=model_name)
     return f"error: {error}"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda, else mps, else cpu; any other name is checked to be usable here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise ValueError(f"device {name!r} is not available on this machine")
-    return device
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # CPU: bfloat16. Decoding one token reads every weight once, so speed follows bytes read, and
-    # bf16 reads half of float32's. It is also the dtype Meta ships, so loading needs no copy
-    # (memory stays at the file size). Measured on a 2-core AVX512-BF16 EPYC with torch 2.13, a
-    # 2048x8192 matrix-vector product: 18 GB/s in bf16 vs 15 in fp32 through F.linear, 40 vs 33
-    # with packed weights (llama_models.packed): either way about 2.4x the weights per second.
-    # On a CPU without native bf16 instructions, try --dtype float32.
-    # CUDA: bfloat16 where supported (Meta's choice), else float16. MPS: float16, the dtype
-    # Apple's GPU kernels are built for (bf16 needs macOS 14+). Neither measured here (no GPU).
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16
 
 
 def _read_params(model_dir: Path, **runtime) -> ModelArgs:
@@ -172,54 +145,6 @@ def _check_tensors(model: Transformer, state_dict: dict, path: Path) -> None:
                                   f"{list(shape)}")
 
 
-def mapped_file(address: int) -> Optional[tuple[str, int]]:
-    """(path, offset in that file) of a byte of this process's memory that maps a file; else None.
-
-    Read from /proc/self/maps (Linux; a few milliseconds). Used to drop a mmapped tensor's pages
-    from the page cache, which knows them by file and offset.
-    """
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)  # start-end perms offset dev inode [path]
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                path = fields[5].rstrip("\n") if len(fields) == 6 else ""
-                return (path, address - start + int(fields[2], 16)) if path.startswith("/") else None
-    return None
-
-
-def release_pages(tensor: torch.Tensor, evict: Optional[tuple[str, int]] = None) -> None:
-    """Drop the pages of a tensor mmapped from a checkpoint out of this process's memory.
-
-    Once its contents are no longer needed (say, after quantizing it) the pages are still mapped
-    and count against the process until the whole file is unmapped. madvise(MADV_DONTNEED)
-    gives them back now; if touched again they are simply re-read from the file. Only for
-    tensors that come from a read-only file mapping; a no-op where madvise does not exist.
-
-    evict: (path, offset of the tensor in that file), from mapped_file(tensor.data_ptr()): also
-    drop the pages from the OS page cache (Linux). Unmapped file pages otherwise stay cached, out
-    of the process's RSS but still in RAM, and a model streamed from disk would quietly fill
-    memory with its whole file.
-    """
-    if sys.platform not in ("linux", "darwin"):
-        return
-    # Only whole pages inside the tensor: a page it shares with a neighbour must stay.
-    page = mmap.PAGESIZE
-    start = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
-    if end <= start:
-        return
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
-    if evict is not None and sys.platform == "linux":
-        # After the madvise no one maps these pages (the mapping is private to this process and
-        # read-only, so they are the page cache's own pages): DONTNEED can now drop them.
-        fd = os.open(evict[0], os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, evict[1] + start - tensor.data_ptr(), end - start, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def load(
     model_dir: Union[str, Path],
     *,
@@ -250,7 +175,7 @@ def load(
             process, the file's dtype. With quantize="int8", the int8 blocks are written once
             into model_dir/int8/ (made again if the checkpoint changes) and streamed from there.
             A budget that holds the whole model changes nothing.
-        pack: on an x86 CPU, in one process, without quantize or max_memory, reorder the linear
+        pack: on an x86 CPU, in one process, without quantize or streaming, reorder the linear
             layers' weights into oneDNN's layout (llama_models.packed): 1.5x the decode speed
             here, the same results. False keeps them as plain Parameters, to change them in
             place or to take gradients with respect to them (gradients with respect to the
@@ -266,8 +191,8 @@ def load(
     dtype = dtype or default_dtype(device)
     if quantize is not None and quantize not in QUANTIZED_LINEARS:
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8, int4)")
-    if quantize == "int4" and (device.type != "cpu" or max_memory is not None):
-        raise ValueError("quantize='int4' runs on the CPU, with the whole model in memory (no max_memory)")
+    if quantize == "int4" and device.type != "cpu":
+        raise ValueError("quantize='int4' runs on the CPU only")
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {model_dir} not found")
@@ -310,25 +235,26 @@ def load(
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
     model.load_state_dict(state_dict, strict=True, assign=True)
-    if max_memory is not None:
-        if world_size > 1:
-            raise ValueError("max_memory runs in one process only (not under torchrun)")
-        from . import offload  # here, not at the top: offload uses release_pages from this module
+    # A budget that holds the whole model changes nothing: decide before packing or quantizing,
+    # which both need to know whether the blocks will be streamed.
+    stream = max_memory is not None and offload.must_stream(model, max_memory, dtype, quantize)
+    if stream and quantize == "int4":
+        raise ValueError("quantize='int4' needs the whole model in memory: raise max_memory, or use int8")
+    if world_size > 1 and (stream or quantize is not None):
+        raise ValueError(f"{'max_memory' if stream else f'quantize={quantize!r}'} runs in one process "
+                         f"only (not under torchrun)")
     if quantize is not None:
-        if world_size > 1:
-            raise ValueError(f"quantize={quantize!r} runs in one process only (not under torchrun)")
-        if max_memory is not None:
+        if stream:
             # Streamed blocks must be pages of a file, and int8 made here would not be: quantize
             # them into files once (model_dir/int8/) and map those.
             offload.quantize_blocks_to_files(model, model_dir, dtype)
         # Quantize straight from the mmapped file, releasing each bf16 weight's pages once it is
         # done, so the full-precision model is never in memory at once.
         quantize_linears(model, quantize, dtype, release=release_pages)
-    elif pack and max_memory is None and world_size == 1 and can_pack(device, dtype):
+    elif pack and not stream and world_size == 1 and can_pack(device, dtype):
         # Each weight's file pages are released once it is copied: memory stays at one copy.
         pack_linears(model, dtype, release=release_pages)
     model.setup_cache(device, dtype)
     model.to(device=device, dtype=dtype)  # no copy when the checkpoint is already there in dtype
-    if max_memory is not None:
-        model.block_streamer = offload.stream_blocks(model, max_memory)  # None when the whole model fits
+    model.block_streamer = offload.stream_blocks(model, max_memory) if stream else None
     return model.eval(), tokenizer

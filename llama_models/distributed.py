@@ -24,7 +24,12 @@ def init_distributed(device: torch.device) -> None:
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend)
         else:
+            # torch.distributed prefixes every line of an uncaught exception's traceback with
+            # "[rank0]:", which tells processes apart under a launcher but only puzzles a reader
+            # of a single process: keep Python's own hook.
+            excepthook = sys.excepthook
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            sys.excepthook = excepthook
         # Leave the group before the interpreter exits: a process that exits with gloo's
         # threads still running can die with "terminate called without an active exception".
         atexit.register(dist.destroy_process_group)

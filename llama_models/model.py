@@ -36,10 +36,17 @@ def replace_linears(model: nn.Module, make, release=lambda weight: None) -> None
     """
     if fs_init.get_model_parallel_world_size() > 1:
         raise ValueError("replacing linear layers works in one process only (not under torchrun)")
+    linear = (ColumnParallelLinear, RowParallelLinear)
+    # A tied output head (one checkpoint tensor for the embedding and the head, as in SmolLM2)
+    # becomes a copy of its own, while the embedding stays plain for its lookups: memory, but not
+    # another parameter. `layer.tied` says so to whoever counts them.
+    others = {p.data_ptr() for m in model.modules() if not isinstance(m, linear) for p in m.parameters(recurse=False)}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                setattr(module, name, make(child.weight))
+            if isinstance(child, linear):
+                layer = make(child.weight)
+                layer.tied = child.weight.data_ptr() in others
+                setattr(module, name, layer)
                 release(child.weight)
 
 
@@ -182,10 +189,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         world_size = fs_init.get_model_parallel_world_size()
-        if args.n_heads % world_size or (args.n_kv_heads % world_size and world_size % args.n_kv_heads):
+        if world_size not in args.process_counts():
             raise ValueError(f"cannot split {args.n_heads} heads and {args.n_kv_heads} kv heads over {world_size} "
                              f"processes: n_heads must be divisible by the number of processes, and n_kv_heads "
-                             f"a multiple or a divisor of it")
+                             f"a multiple or a divisor of it; this model runs on "
+                             f"{', '.join(map(str, args.process_counts()))} processes")
         self.params = args
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))

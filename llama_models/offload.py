@@ -38,7 +38,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import mapped_file, release_pages
+from .pages import mapped_file, release_pages
 from .quantize import quantize_linears
 
 MADV_RANDOM = 1  # a fault reads just its own page, not the 8 MB the kernel would read around it
@@ -180,6 +180,10 @@ class BlockStreamer:
             block.register_forward_hook(partial(self._after, i))
         self._keep(range(1 + prefetch))
 
+    def __str__(self):
+        return (f"streaming {len(self.weights)} transformer blocks from disk, {1 + self.prefetch} in memory "
+                f"at a time ({_size(self.slot_bytes)} each)")
+
     def __del__(self):
         for fd, _ in getattr(self, "files", {}).values():
             os.close(fd)
@@ -269,6 +273,33 @@ def quantize_blocks_to_files(model: nn.Module, model_dir: Path, dtype: torch.dty
             stamp.write_text(source)
     except OSError as e:
         raise ValueError(f"max_memory with quantize='int8' keeps int8 weights in {folder}, which failed: {e}") from None
+
+
+def must_stream(model: nn.Module, max_memory: Union[int, str], dtype: torch.dtype, quantize: Optional[str]) -> bool:
+    """Whether `model` (just loaded, its weights still untouched pages of the file) must stream its
+    blocks to stay within max_memory, or fits whole, in `dtype` and quantized as asked.
+
+    Called before the weights are packed, quantized or converted, so that a budget that holds the
+    whole model changes nothing. The estimate counts the process as it is now, the KV cache,
+    activations and every weight in its final form, a tied output head twice (packing and
+    quantizing make it a copy of its own). Raises ValueError where streaming cannot work: not
+    Linux, not the CPU, or a dtype other than the file's (the weights would be copies, not pages).
+    """
+    max_memory = parse_memory(max_memory)
+    streamed = {t.data_ptr() for block in model.layers for t in streamed_tensors(block)}
+    weights = [*(t for m in model.modules() for t in m.parameters(recurse=False))]  # the tied head twice
+    size = sum(t.numel() + t.shape[0] * dtype.itemsize if quantize == "int8" and t.data_ptr() in streamed
+               else t.numel() * dtype.itemsize for t in weights)
+    cache = sum(b.numel() for name, b in model.named_buffers() if "cache" in name) * dtype.itemsize
+    if _process_rss() + cache + ACTIVATIONS + size <= max_memory:
+        return False
+    if sys.platform != "linux":
+        raise ValueError(f"max_memory needs Linux (O_DIRECT, madvise, /proc), not {sys.platform}")
+    file_dtype = model.layers[0].attention.wq.weight.dtype
+    if quantize is None and dtype != file_dtype:
+        raise ValueError(f"max_memory streams the weights from the checkpoint file, which holds {file_dtype}; "
+                         f"{dtype} would be copies in memory: use the file's dtype, or quantize='int8'")
+    return True
 
 
 def stream_blocks(model: nn.Module, max_memory: Union[int, str]) -> Optional[BlockStreamer]:

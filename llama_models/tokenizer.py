@@ -3,13 +3,14 @@
 Other byte-level BPE vocabularies (e.g. SmolLM2's, converted by tools/convert_gguf.py) load too,
 described by a tokenizer_config.json beside tokenizer.model."""
 
+import base64
+import binascii
 import json
 import re
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterator, Literal, Sequence, Union
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 # How Llama 3 cuts text into pieces before BPE merges bytes inside each piece: contractions,
 # words with one leading non-letter, numbers of up to 3 digits, punctuation runs, newlines, spaces.
@@ -73,6 +74,27 @@ def _llama3_config(n_base: int) -> dict:
     }
 
 
+def read_vocabulary(path: Path) -> dict[bytes, int]:
+    """tokenizer.model's `base64(token bytes) rank` lines as {token bytes: rank}.
+
+    What tiktoken's load_tiktoken_bpe reads too, but that function also keeps a copy of every file
+    it reads in a cache under /tmp keyed by the file's *path*: a tokenizer.model replaced at the
+    same path would silently be read as the old one. An unreadable line is reported by number.
+    """
+    ranks = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{path}, line {number}: not a `base64-token rank` pair; "
+                                 f"is this a BPE vocabulary (Llama 3's tokenizer.model)?") from None
+    return ranks
+
+
 def _read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
@@ -101,10 +123,7 @@ class Tokenizer:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {model_path}")
-        try:
-            ranks = load_tiktoken_bpe(str(model_path))
-        except Exception as e:  # tiktoken raises bare ValueError / binascii.Error on a bad line
-            raise ValueError(f"{model_path} is not a base64 BPE vocabulary ({e})") from None
+        ranks = read_vocabulary(model_path)
         config_path = model_path.with_name("tokenizer_config.json")
         config = _read_config(config_path) if config_path.is_file() else _llama3_config(len(ranks))
 

@@ -1,7 +1,9 @@
 """Test helpers: random checkpoints, Meta's reference model, Hugging Face conversions."""
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -82,3 +84,48 @@ def load_peak_growth(model_dir, tmp_path, quantize=None) -> tuple[int, str]:
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
                          check=True).stdout.split()
     return int(out[0]), out[1]
+
+
+# --- a model that writes a known text, for streaming and the command line ---------------------
+
+CYCLE_TEXT = "🦙 世界!"  # 12 distinct bytes: a 4-byte emoji, two 3-byte CJK ideographs, ASCII
+
+
+def cycle_checkpoint(tmp_path):
+    """A tiny checkpoint whose greedy continuation of any byte of CYCLE_TEXT is the next byte,
+    wrapping around: the text repeats for ever, each multi-byte character split across tokens.
+
+    The attention and feed-forward outputs are zeroed, so the final hidden state is the current
+    token's (normalised) embedding; row b' of the output layer is the embedding of the byte b that
+    precedes b' in the text, so b' gets by far the highest logit.
+    """
+    model_dir = checkpoint(tmp_path, seed=3)
+    path = model_dir / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    for name in state_dict:
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            state_dict[name] = torch.zeros_like(state_dict[name])
+        if name.endswith("norm.weight"):
+            state_dict[name] = torch.ones_like(state_dict[name])
+    embeddings = torch.nn.functional.normalize(state_dict["tok_embeddings.weight"].float(), dim=-1)
+    output = torch.zeros_like(embeddings)
+    text = CYCLE_TEXT.encode()
+    for byte, next_byte in zip(text, text[1:] + text[:1]):
+        output[next_byte] = 3 * embeddings[byte]  # logit 24 vs at most ~5 for any other token
+    state_dict["tok_embeddings.weight"] = embeddings.to(torch.bfloat16)
+    state_dict["output.weight"] = output.to(torch.bfloat16)
+    torch.save(state_dict, path)
+    return model_dir
+
+
+def interrupt_while_loading(command: list, checkpoint_file: Path, **popen) -> subprocess.CompletedProcess:
+    """Run `command`, press Ctrl-C (SIGINT) as soon as it has mapped checkpoint_file (load() is
+    under way), and return what it printed and its exit code."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 120
+    while str(checkpoint_file) not in Path(f"/proc/{process.pid}/maps").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "the checkpoint was never mapped"
+        time.sleep(0.001)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

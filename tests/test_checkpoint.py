@@ -9,6 +9,7 @@ import torch
 
 import llama_models
 from llama_models import CheckpointError
+from llama_models.checkpoint import error_message
 from helpers import checkpoint, load_peak_growth, memory_test_checkpoint, tiny_params
 
 
@@ -80,7 +81,7 @@ ERRORS = {
     "bad_json": r"params.json is not valid JSON",
     "bad_param": r"params.json: dim \(64\) must be divisible by n_heads \(3\)",
     "no_tokenizer": r"tokenizer file not found: .*tokenizer.model",
-    "bad_tokenizer": r"tokenizer.model is not a base64 BPE vocabulary",
+    "bad_tokenizer": r"tokenizer.model, line 1: not a `base64-token rank` pair",
     "tokenizer_too_big": r"tokenizer.model has 512 tokens but params.json says vocab_size=300",
     "no_weights": r"no consolidated.\*.pth in",
     "truncated": r"consolidated.00.pth is not a readable PyTorch checkpoint",
@@ -102,3 +103,62 @@ def test_bad_input_gives_a_clear_error(tmp_path, how):
 def test_unavailable_device_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not available"):
         llama_models.load(checkpoint(tmp_path), device="cuda" if not torch.cuda.is_available() else "mps")
+
+
+def test_garbage_tokenizer_error_names_the_line_not_its_bytes(tmp_path):
+    model_dir = checkpoint(tmp_path)
+    path = model_dir / "tokenizer.model"
+    path.write_bytes(b"IQ== 0\nIg== 1\n" + bytes(range(256)) * 40)  # two good lines, then binary junk
+    with pytest.raises(CheckpointError) as error:
+        llama_models.load(model_dir, device="cpu")
+    assert str(error.value).startswith(f"{path}, line 3: not a `base64-token rank` pair")
+    assert "\\x" not in str(error.value) and len(str(error.value)) < 300
+
+
+def test_a_tokenizer_replaced_at_the_same_path_is_read_anew(tmp_path):
+    # tiktoken's own loader caches files by path under /tmp: the second vocabulary would be the first.
+    path = tmp_path / "tokenizer.model"
+    path.write_text("YQ== 0\n")  # "a"
+    assert llama_models.Tokenizer(path).encode("a", bos=False, eos=False) == [0]
+    path.write_text("Yg== 0\nYQ== 1\n")  # "b", then "a"
+    assert llama_models.Tokenizer(path).encode("a", bos=False, eos=False) == [1]
+
+
+def test_a_mistyped_model_dir_lists_the_checkpoints_beside_it(tmp_path):
+    for name in ("Llama3.2-1B-Instruct", "SmolLM2-135M-Instruct"):
+        checkpoint(tmp_path / name)
+    message = error_message(CheckpointError("checkpoint directory not found"), tmp_path / "Llama3.2-1B-Instrcut",
+                            "Llama3.2-1B-Instruct")
+    assert message == (f"error: checkpoint directory not found; did you mean Llama3.2-1B-Instruct? checkpoints in "
+                       f"{tmp_path}: Llama3.2-1B-Instruct, SmolLM2-135M-Instruct")
+    # Nothing beside it: where to get a checkpoint.
+    assert "llama model download" in error_message(CheckpointError("x"), tmp_path / "empty" / "Llama", "Llama")
+
+
+def test_no_import_circle_in_the_library():
+    """Every module of llama_models imports only modules below it: the import graph has no cycle."""
+    import ast
+
+    package = Path(llama_models.__file__).parent
+    graph = {}
+    for path in package.glob("*.py"):
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # also imports inside functions
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imports |= {node.module} if node.module else {alias.name for alias in node.names}
+        graph[path.stem] = imports - {None}
+    graph.pop("__init__")
+    visiting, done = set(), set()
+
+    def visit(module, chain):
+        assert module not in visiting, f"import circle: {' -> '.join(chain + [module])}"
+        if module in done:
+            return
+        visiting.add(module)
+        for imported in graph.get(module, ()):
+            visit(imported, chain + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])

@@ -1,12 +1,13 @@
 """minimal_run_inference.py end to end, in a subprocess, as a user runs it."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from helpers import checkpoint, meta_transformer, tiny_params
+from helpers import CYCLE_TEXT, checkpoint, cycle_checkpoint, meta_transformer, tiny_params
 from llama_models import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,3 +59,43 @@ def test_bad_checkpoint_and_device_are_one_line_errors(tmp_path):
         result = run_script(*args)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_bad_prompts_and_flags_are_one_line_errors(tmp_path):
+    model_dir = checkpoint(tmp_path)
+    cases = {
+        "error: the prompt is 5 tokens, which leaves no room for new ones in --max-seq-len 5":
+            ["--prompt", "abcd", "--max-seq-len", "5"],
+        "error: the prompt is empty": ["--prompt", "  "],
+        "error: --max-new-tokens and --threads must be at least 1": ["--max-new-tokens", "0"],
+    }
+    for message, args in cases.items():
+        result = run_script("--model-dir", str(model_dir), *args)
+        assert result.returncode == 1 and result.stderr == message + "\n" and result.stdout == ""
+    # --max-seq-len caps the new tokens: bos + "!" leave 5 of 7 positions, and the cycle model
+    # continues "!" with the text's first 5 bytes, "🦙 ".
+    capped = run_script("--model-dir", str(cycle_checkpoint(tmp_path / "cycle")), "--prompt", "!",
+                        "--max-seq-len", "7", "--max-new-tokens", "100")
+    assert capped.returncode == 0 and capped.stdout == "!" + CYCLE_TEXT[:2] + "\n", capped.stderr
+
+
+def test_ctrl_c_keeps_the_text_and_exits_130(tmp_path):
+    model_dir = cycle_checkpoint(tmp_path)
+    process = subprocess.Popen([sys.executable, "minimal_run_inference.py", "--model-dir", str(model_dir), "--prompt",
+                                "🦙", "--max-new-tokens", "100000", "--max-seq-len", "100010"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    first = process.stdout.read(64)  # the prompt and some generated text: generation is under way
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and b"Traceback" not in stderr
+    assert stderr.decode().endswith("[interrupted]\n")
+    assert (first + stdout).startswith(CYCLE_TEXT.encode() * 2) and (first + stdout).endswith(b"\n")
+
+
+def test_traceback_of_a_bug_reads_as_plain_python(tmp_path):
+    # A single process forms its own process group; torch.distributed would prefix tracebacks "[rank0]:".
+    result = subprocess.run([sys.executable, "-c", "import torch, llama_models\n"
+                             "llama_models.init_distributed(torch.device('cpu'))\nraise RuntimeError('a bug')"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.stderr.startswith("Traceback (most recent call last):") and "[rank0]" not in result.stderr
+    assert result.stderr.endswith("RuntimeError: a bug\n")

@@ -23,6 +23,7 @@ import llama_models
 import run_inference
 from helpers import greedy_logits, tiny_params
 from llama_models.offload import slot_layout, streamed_tensors
+from llama_models.packed import PackedLinear, can_pack
 from tools.make_checkpoint import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,8 +282,21 @@ def test_a_budget_too_small_is_a_clear_error(model_dir):
         llama_models.load(model_dir, device="cpu", max_memory="1MB")
     with pytest.raises(ValueError, match="'4 parsecs' is not a size like 4GB"):
         llama_models.load(model_dir, device="cpu", max_memory="4 parsecs")
-    with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight is not in it \(torch.float32 on cpu\)"):
-        llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_memory="64GB")
+    with pytest.raises(ValueError, match=r"which holds torch.bfloat16; torch.float32 would be copies in memory"):
+        llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_memory="1MB")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_budget_that_holds_the_whole_model_changes_nothing(model_dir, dtype):
+    plain, _ = llama_models.load(model_dir, device="cpu", dtype=dtype, max_seq_len=32)
+    budget, _ = llama_models.load(model_dir, device="cpu", dtype=dtype, max_seq_len=32, max_memory="64GB")
+    assert budget.block_streamer is None
+    # The same layers as without a budget (packed for oneDNN, on this x86 CPU), the same logits.
+    assert [type(m) for m in budget.modules()] == [type(m) for m in plain.modules()]
+    assert isinstance(budget.layers[0].attention.wq, PackedLinear) == can_pack(torch.device("cpu"), dtype)
+    tokens = torch.tensor([[1, 50, 300, 7, 99]])
+    with torch.inference_mode():
+        assert torch.equal(budget(tokens, 0), plain(tokens, 0))
 
 
 def run_script(script, *args):
@@ -319,5 +333,8 @@ def test_scripts_stream_with_max_memory_and_print_the_same_text(model_dir, scrip
     in_memory = run_script(script, *args)
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == in_memory.stdout and len(streamed.stdout) > len("Once upon a time")
+    assert re.search(r"streaming 16 transformer blocks from disk, \d+ in memory at a time", streamed.stderr)
+    whole = run_script(script, *args, "--max-memory", "64GB")
+    assert whole.stdout == in_memory.stdout and "max_memory 64GB holds the whole model" in whole.stderr
     peak = int(re.search(r"VmHWM:\s+(\d+) kB", streamed.stderr)[1]) * 1024
     assert peak <= budget

@@ -22,6 +22,16 @@ def test_int8_linear_is_per_row_rounding(x_shape):
     torch.testing.assert_close(layer(x), x @ dequantized.T, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 20])  # the int8 kernel, and the chunked float path of a prompt
+def test_int8_linear_output_within_range_does_not_overflow(dtype, rows):
+    # Weights at their row's maximum quantize to 127: x @ W_int8.T alone would be 127 * 1024 =
+    # 130048 here, past float16's 65504, while the true output is 10.24.
+    layer = Int8Linear(torch.full((32, 1024), 0.01), dtype)
+    out = layer(torch.ones(rows, 1024, dtype=dtype))
+    torch.testing.assert_close(out.float(), torch.full((rows, 32), 10.24), rtol=1e-2, atol=0)
+
+
 def test_int4_linear_is_per_group_rounding():
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(96, 128, generator=generator) * torch.logspace(-2, 1, 96)[:, None] + 0.3
@@ -94,7 +104,10 @@ def test_quantize_errors_are_clear(tmp_path):
     model_dir = checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"unknown quantization 'int3' \(supported: int8, int4\)"):
         llama_models.load(model_dir, device="cpu", quantize="int3")
-    with pytest.raises(ValueError, match=r"quantize='int4' runs on the CPU, with the whole model in memory"):
-        llama_models.load(model_dir, device="cpu", quantize="int4", max_memory="64GB")
+    with pytest.raises(ValueError, match=r"quantize='int4' needs the whole model in memory: raise max_memory"):
+        llama_models.load(model_dir, device="cpu", quantize="int4", max_memory="1MB")
+    # A budget that holds the whole model changes nothing: int4 runs, in memory.
+    model, _ = llama_models.load(model_dir, device="cpu", quantize="int4", max_memory="64GB")
+    assert model.block_streamer is None and isinstance(model.layers[0].attention.wq, Int4Linear)
     with pytest.raises(ValueError, match=r"int4 needs a weight's columns in groups of 32 and rows in multiples of 16"):
         Int4Linear(torch.zeros(16, 48), torch.bfloat16)

@@ -12,7 +12,8 @@ import torch
 
 import llama_models
 import run_inference
-from helpers import checkpoint, fp32_state_dict, hf_llama
+from helpers import (CYCLE_TEXT, checkpoint, cycle_checkpoint, fp32_state_dict, hf_llama, interrupt_while_loading,
+                     memory_test_checkpoint)
 from llama_models import ModelArgs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,36 +168,6 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
 
 # --- a model that writes a known text, for streaming and the command line ---------------------
 
-CYCLE_TEXT = "🦙 世界!"  # 12 distinct bytes: a 4-byte emoji, two 3-byte CJK ideographs, ASCII
-
-
-def cycle_checkpoint(tmp_path):
-    """A tiny checkpoint whose greedy continuation of any byte of CYCLE_TEXT is the next byte,
-    wrapping around: the text repeats for ever, each multi-byte character split across tokens.
-
-    The attention and feed-forward outputs are zeroed, so the final hidden state is the current
-    token's (normalised) embedding; row b' of the output layer is the embedding of the byte b that
-    precedes b' in the text, so b' gets by far the highest logit.
-    """
-    model_dir = checkpoint(tmp_path, seed=3)
-    path = model_dir / "consolidated.00.pth"
-    state_dict = torch.load(path, weights_only=True)
-    for name in state_dict:
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-            state_dict[name] = torch.zeros_like(state_dict[name])
-        if name.endswith("norm.weight"):
-            state_dict[name] = torch.ones_like(state_dict[name])
-    embeddings = torch.nn.functional.normalize(state_dict["tok_embeddings.weight"].float(), dim=-1)
-    output = torch.zeros_like(embeddings)
-    text = CYCLE_TEXT.encode()
-    for byte, next_byte in zip(text, text[1:] + text[:1]):
-        output[next_byte] = 3 * embeddings[byte]  # logit 24 vs at most ~5 for any other token
-    state_dict["tok_embeddings.weight"] = embeddings.to(torch.bfloat16)
-    state_dict["output.weight"] = output.to(torch.bfloat16)
-    torch.save(state_dict, path)
-    return model_dir
-
-
 def cycle_continuation(last_byte: int, n: int) -> bytes:
     """The n bytes the cycle model writes after `last_byte`: the oracle, by construction."""
     text = CYCLE_TEXT.encode()
@@ -265,6 +236,7 @@ def test_each_decoding_mode_end_to_end(cycle_dir, tmp_path):
     assert best[0].startswith("#1  score ") and -1e-3 < float(best[0].split()[2]) <= 0
     assert best[1] == expected.removeprefix("🦙")
     assert "step 16: 2/2 finished" in results["beam --show-top"][1]
+    assert "\r" not in results["beam"][2]  # the redrawn progress line is for terminals, not logs
     assert "chat, greedy decoding" in results["chat"][2]
 
 
@@ -291,6 +263,7 @@ BAD_INPUT = {
     "--top-k must be 0 (off) or more, got -2": ["--top-k", "-2"],
     "--max-new-tokens must be at least 1, got 0": ["--max-new-tokens", "0"],
     "--show-top must be 0 (off) or more, got -1": ["--show-top", "-1"],
+    "--threads must be at least 1, got 0": ["--threads", "0"],
     "the prompt is empty": ["--prompt", " "],
     "the prompt is 21 tokens, which leaves no room for new ones in --max-seq-len 16":
         ["--prompt", "x" * 20, "--no-chat", "--max-seq-len", "16"],
@@ -316,6 +289,68 @@ def test_bad_input_is_one_line_on_stderr(cycle_dir, tmp_path):
     code, _, stderr = finish(missing)
     assert code == 1 and "Traceback" not in stderr
     assert str(tmp_path / "nowhere") in stderr and "llama model download" in stderr and "make demo" in stderr
+
+
+def nan_checkpoint(tmp_path):
+    model_dir = checkpoint(tmp_path / "nan")
+    path = model_dir / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["layers.1.ffn_norm.weight"][3] = float("nan")
+    torch.save(state_dict, path)
+    return model_dir
+
+
+@pytest.mark.parametrize("script, extra", [("run_inference.py", []), ("run_inference.py", ["--decoding", "beam"]),
+                                           ("minimal_run_inference.py", [])])
+def test_non_finite_logits_stop_with_one_line(tmp_path, script, extra):
+    result = subprocess.run([sys.executable, script, "--model-dir", str(nan_checkpoint(tmp_path)), "--prompt",
+                             "Once upon a time", *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f"error: the model's logits at position {len('Once upon a time') + 1} "
+                                              f"are not finite (NaN or inf); the checkpoint's weights may hold "
+                                              f"NaN or infinity")
+
+
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+def test_ctrl_c_while_loading_is_one_line_and_exit_130(tmp_path, script):
+    model_dir = memory_test_checkpoint(tmp_path)  # 120 MB, quantized at load: long enough to interrupt
+    extra = ["--quantize", "int8"] if script == "run_inference.py" else ["--max-memory", "64GB"]
+    result = interrupt_while_loading([sys.executable, script, "--model-dir", str(model_dir), *extra],
+                                     model_dir / "consolidated.00.pth", cwd=REPO)
+    assert result.returncode == 130 and result.stdout == "", result.stderr
+    assert result.stderr.strip() == "[interrupted]"
+
+
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+def test_prompt_from_a_file_or_standard_input(cycle_dir, tmp_path, script):
+    common = [sys.executable, script, "--model-dir", str(cycle_dir), "--max-new-tokens", "5", "--threads", "1"]
+    if script == "run_inference.py":
+        common.append("--no-chat")
+    expected = "🦙" + cycle_continuation(CYCLE_TEXT.encode()[3], 5).decode(errors="replace") + "\n"
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("🦙\n")  # the newline that ends a file is not part of the prompt
+    from_file = subprocess.run([*common, "--prompt-file", str(prompt_file)], capture_output=True, text=True, cwd=REPO)
+    from_stdin = subprocess.run([*common, "--prompt-file", "-"], input="🦙\n", capture_output=True, text=True, cwd=REPO)
+    ignored = subprocess.run([*common, "--prompt", "🦙"], input="something else", capture_output=True, text=True,
+                             cwd=REPO)
+    for result in (from_file, from_stdin, ignored):
+        assert result.returncode == 0 and result.stdout == expected, result.stderr
+    assert "note: standard input is not read; pass --prompt-file - to use it as the prompt" in ignored.stderr
+    empty = subprocess.run([*common, "--prompt-file", "-"], input="\n", capture_output=True, text=True, cwd=REPO)
+    missing = subprocess.run([*common, "--prompt-file", str(tmp_path / "nope.txt")], capture_output=True, text=True,
+                             cwd=REPO)
+    assert empty.returncode == 1 and empty.stderr == "error: the prompt in - is empty\n"
+    assert missing.returncode == 1 and missing.stderr.startswith(f"error: cannot read the prompt from {tmp_path}")
+    if script == "run_inference.py":
+        assert "threads: 1" in from_file.stderr
+
+
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+def test_help_shows_every_default(script):
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0
+    assert "(default: 32)" in result.stdout and "(default: 2048)" in result.stdout  # max-new-tokens, max-seq-len
+    assert f"(default: {torch.get_num_threads()})" in result.stdout  # threads
 
 
 # --- a real model ---------------------------------------------------------------------------------

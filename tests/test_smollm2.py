@@ -150,3 +150,30 @@ def test_run_inference_answers_in_chat_mode(smollm2_dir):
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_every_dtype_and_quantization_gives_finite_logits(smollm2_dir, smollm2):
+    """Every --dtype x --quantize the CPU allows, on the chat prompt of the README (37 tokens: past
+    the 16 rows from which int8 prompts take the float path, where float16 once overflowed)."""
+    prompt = llama_models.ChatFormat(smollm2[1]).encode_dialog_prompt(QUESTION)
+    with torch.inference_mode():
+        reference = smollm2[0](torch.tensor([prompt]), 0)[0].argmax(-1)  # float32, unquantized
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for quantize in (None, "int8", "int4"):
+            model, _ = llama_models.load(smollm2_dir, device="cpu", dtype=dtype, quantize=quantize, max_seq_len=64)
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompt]), 0)[0]
+            assert torch.isfinite(logits).all(), (dtype, quantize)
+            agreement = (logits.argmax(-1) == reference).float().mean()
+            assert agreement >= 0.75, (dtype, quantize, agreement)
+
+
+def test_summary_counts_parameters_as_the_checkpoint_defines_them(smollm2_dir, hf_model):
+    import run_inference
+
+    model, _ = llama_models.load(smollm2_dir, device="cpu", max_seq_len=64)  # bf16, packed: the default
+    summary = run_inference.model_summary(model)
+    # transformers counts the tied embedding and output head once: 134.5M.
+    assert f"model: {hf_model.num_parameters() / 1e6:.1f}M parameters" in summary
+    # The packed output head is a copy of the 49152 x 576 embedding: shown as memory.
+    assert f"of which {49152 * 576 * 2 / 2**20:.1f} MiB the output head's copy of the tied embedding" in summary
