@@ -88,9 +88,34 @@ def test_heads_not_divisible_is_a_clear_error(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode != 0
     assert "error: cannot split 3 heads and 3 kv heads over 2 processes" in result.stderr
+    assert "this model runs on 1, 3 processes" in result.stderr
     assert "llama_models/" not in result.stderr  # no traceback through our code (torchrun adds its own)
 
 
 def test_reshard_tool_refuses_to_split_kv_heads(tmp_path):
     with pytest.raises(ValueError, match="split 2 kv heads unevenly"):
         reshard_checkpoint(checkpoint(tmp_path / "a"), tmp_path / "b", 4)
+
+
+def test_readme_torchrun_example_on_the_embedded_model(smollm2_dir):
+    # SmolLM2-135M has 9 heads and 3 kv heads: it splits over 3 processes, not 2.
+    args = ["minimal_run_inference.py", "--model-dir", str(smollm2_dir), "--max-new-tokens", "12"]
+    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                            *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert three.stdout == one.stdout and len(one.stdout) > len("The capital of France is ")
+
+
+def test_reshard_tool_says_what_it_wrote(tmp_path):
+    original = checkpoint(tmp_path / "orig")
+    result = subprocess.run([sys.executable, "tools/reshard_checkpoint.py", str(original), str(tmp_path / "two"),
+                             "--shards", "2"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"wrote 2 shard(s) to {tmp_path / 'two'}:"
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert [line.split()[0] for line in lines[1:]] == names == ["consolidated.00.pth", "consolidated.01.pth",
+                                                                "params.json", "tokenizer.model"]
+    size = (tmp_path / "two" / "consolidated.00.pth").stat().st_size
+    assert lines[1] == f"  consolidated.00.pth  {size / 1e6:.1f} MB"

@@ -20,7 +20,7 @@ from llama_models.args import ModelArgs  # noqa: E402
 from llama_models.checkpoint import CheckpointError, _read_state_dict, reshard  # noqa: E402
 
 
-def reshard_checkpoint(in_dir, out_dir, n_shards: int) -> None:
+def reshard_checkpoint(in_dir, out_dir, n_shards: int) -> list[Path]:
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     args = ModelArgs.from_params(json.loads((in_dir / "params.json").read_text()))
     if args.n_kv_heads % n_shards:
@@ -39,6 +39,7 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int) -> None:
     for path in in_dir.iterdir():
         if path.is_file() and not path.name.startswith("consolidated."):
             shutil.copyfile(path, out_dir / path.name)
+    return sorted(out_dir.iterdir())
 
 
 def main():
@@ -50,10 +51,14 @@ def main():
     if opts.shards < 1:
         parser.error("--shards must be at least 1")
     try:
-        reshard_checkpoint(opts.in_dir, opts.out_dir, opts.shards)
+        written = reshard_checkpoint(opts.in_dir, opts.out_dir, opts.shards)
     except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {opts.shards} shard(s) to {opts.out_dir}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(f"wrote {opts.shards} shard(s) to {opts.out_dir}:")
+    for path in written:
+        print(f"  {path.name}  {path.stat().st_size / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":
