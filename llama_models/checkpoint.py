@@ -235,6 +235,10 @@ def load(
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
     model.load_state_dict(state_dict, strict=True, assign=True)
+    if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
+        # A tied output head (SmolLM2: one tensor in the file for both): make it one Parameter,
+        # or converting the dtype below would make two copies of it.
+        model.output.weight = model.tok_embeddings.weight
     # A budget that holds the whole model changes nothing: decide before packing or quantizing,
     # which both need to know whether the blocks will be streamed.
     stream = max_memory is not None and offload.must_stream(model, max_memory, dtype, quantize)

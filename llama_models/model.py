@@ -50,6 +50,12 @@ def replace_linears(model: nn.Module, make, release=lambda weight: None) -> None
                 release(child.weight)
 
 
+def _plain_linear(weight: nn.Parameter) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = weight  # the same Parameter: no copy, and a tied head stays tied
+    return layer
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -238,7 +244,13 @@ class Transformer(nn.Module):
         disk, in /tmp/torchinductor_$USER, which brings a later run down to a few seconds). With
         one process, fairscale's embedding makes one graph break (dynamo cannot trace its
         autograd Function); the blocks and the output head are one graph.
+
+        fairscale's linear layers (left where nothing packed or quantized them: Apple and other
+        ARM CPUs, bf16 without AVX512) would break the graph too, twice each: in one process their
+        communication is the identity, so they become plain nn.Linear layers over the same weights.
         """
+        if fs_init.get_model_parallel_world_size() == 1:
+            replace_linears(self, _plain_linear)
         self.compiled_forward = torch.compile(self.forward, dynamic=False)
 
     def decode_step(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:

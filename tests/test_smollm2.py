@@ -10,6 +10,7 @@ import torch
 
 import llama_models
 from conftest import REPO, SMOLLM2_GGUF
+from llama_models.packed import can_pack
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -171,9 +172,12 @@ def test_every_dtype_and_quantization_gives_finite_logits(smollm2_dir, smollm2):
 def test_summary_counts_parameters_as_the_checkpoint_defines_them(smollm2_dir, hf_model):
     import run_inference
 
-    model, _ = llama_models.load(smollm2_dir, device="cpu", max_seq_len=64)  # bf16, packed: the default
-    summary = run_inference.model_summary(model)
-    # transformers counts the tied embedding and output head once: 134.5M.
-    assert f"model: {hf_model.num_parameters() / 1e6:.1f}M parameters" in summary
-    # The packed output head is a copy of the 49152 x 576 embedding: shown as memory.
-    assert f"of which {49152 * 576 * 2 / 2**20:.1f} MiB the output head's copy of the tied embedding" in summary
+    for pack in (True, False):
+        # float32: packed on every x86 CPU with oneDNN (bf16 packs only with AVX512)
+        model, _ = llama_models.load(smollm2_dir, device="cpu", dtype=torch.float32, pack=pack, max_seq_len=64)
+        summary = run_inference.model_summary(model)
+        # transformers counts the tied embedding and output head once: 134.5M.
+        assert f"model: {hf_model.num_parameters() / 1e6:.1f}M parameters" in summary
+        # A packed output head is a copy of the 49152 x 576 embedding: shown as memory.
+        copy_note = f"of which {49152 * 576 * 4 / 2**20:.1f} MiB the output head's copy of the tied embedding"
+        assert (copy_note in summary) == (pack and can_pack(torch.device("cpu"), torch.float32)), summary
