@@ -61,10 +61,12 @@ MAX_MEMORY = None
 COMPILE = False
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
 MAX_SEQ_LEN = 2048  # prompt + new tokens; the KV cache is allocated for this many positions
-# CPU threads for the matrix products (torch's default: one per core). Decoding is bound by
-# memory bandwidth, which one or two cores saturate, and every product waits for its slowest
-# thread: on a machine busy with other work, fewer threads than cores can be much faster.
-THREADS = torch.get_num_threads()
+# CPU threads for the matrix products: one per core but one (torch's default is one per core).
+# Every product waits for its slowest thread, and when another program holds a core, that thread
+# waits whole time slices: on 2 cores with one busy program, 2 threads decode at a third of the
+# speed of 1 (benchmarks/RESULTS-threads.md). Decoding is bound by memory bandwidth, so the
+# core left free costs little on an idle machine; there, pass --threads with all of them.
+THREADS = max(1, torch.get_num_threads() - 1)
 
 # --- how to choose each token ---
 DECODING = "greedy"  # "greedy": the most likely token; "sample": draw one; "beam": beam search
@@ -123,13 +125,15 @@ def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, 
 
 def decode_loop(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens,
                 choose: Callable[[torch.Tensor], int],
-                on_step: Optional[Callable[[torch.Tensor, int], None]] = None) -> Iterator[int]:
+                on_step: Optional[Callable[[torch.Tensor, int], None]] = None, start_pos: int = 0) -> Iterator[int]:
     """The loop greedy() and sample() share; `choose` picks a token id from (V,) logits."""
     device, dtype = model.tok_embeddings.weight.device, model.norm.weight.dtype
     # Prefill: the whole prompt in one forward pass writes the keys and values of positions
-    # 0 .. len(prompt)-1 into the cache; only the last position's logits are needed.
-    logits = model(torch.tensor([prompt_tokens], device=device), start_pos=0)[0, -1]  # (V,)
-    for pos in range(len(prompt_tokens), len(prompt_tokens) + max_new_tokens):
+    # start_pos .. start_pos + len(prompt) - 1 into the cache; only the last position's logits
+    # are needed. (start_pos > 0: the cache already holds what came before, chat.py's earlier turns.)
+    logits = model(torch.tensor([prompt_tokens], device=device), start_pos=start_pos)[0, -1]  # (V,)
+    end = start_pos + len(prompt_tokens)
+    for pos in range(end, end + max_new_tokens):
         cli.check_finite(logits, pos, dtype)  # NaN logits have no sensible next token: stop, say why
         token = choose(logits)
         if on_step:
@@ -143,23 +147,25 @@ def decode_loop(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_to
 
 @torch.inference_mode()  # no autograd graph: it would chain every step through the cache
 def greedy(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens,
-           on_step=None) -> Iterator[int]:
+           on_step=None, start_pos: int = 0) -> Iterator[int]:
     """Yield the most likely next token, step after step; a stop token, if hit, comes last.
 
     Args:
-        model: a llama_models.Transformer; its KV cache is overwritten.
+        model: a llama_models.Transformer; its KV cache from start_pos on is overwritten.
         prompt_tokens: token ids, e.g. tokenizer.encode(text, bos=True, eos=False).
         max_new_tokens: the most tokens to yield.
         stop_tokens: ids that end the text (tokenizer.stop_tokens).
         on_step: called as on_step(logits, token) at each step, logits (V,) float32.
+        start_pos: the position of prompt_tokens[0]; the cache must hold the tokens before it.
+    Every token yielded is fed back to the model, except a stop token.
     """
     yield from decode_loop(model, prompt_tokens, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                           choose=lambda logits: int(logits.argmax()), on_step=on_step)
+                           choose=lambda logits: int(logits.argmax()), on_step=on_step, start_pos=start_pos)
 
 
 @torch.inference_mode()
 def sample(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens, temperature: float,
-           top_k: int, top_p: float, seed: int, on_step=None) -> Iterator[int]:
+           top_k: int, top_p: float, seed: int, on_step=None, start_pos: int = 0) -> Iterator[int]:
     """Yield tokens drawn from sampling_distribution(); temperature 0 is greedy().
 
     Same arguments as greedy(), plus those of sampling_distribution() and the seed of the draws:
@@ -168,7 +174,7 @@ def sample(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens,
     if temperature == 0:
         # The limit T -> 0 puts all the mass on the argmax; dividing by 0 would give NaNs.
         yield from greedy(model, prompt_tokens, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                          on_step=on_step)
+                          on_step=on_step, start_pos=start_pos)
         return
     device = model.tok_embeddings.weight.device
     # A private generator: reproducible whatever else in the process draws random numbers.
@@ -179,7 +185,7 @@ def sample(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens,
         return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
     yield from decode_loop(model, prompt_tokens, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                           choose=draw, on_step=on_step)
+                           choose=draw, on_step=on_step, start_pos=start_pos)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,10 +54,18 @@ class ChatFormat:
             special = self.tokenizer.special_tokens
             tokens = [special["<|im_start|>"]]
             tokens += self.tokenizer.encode(f"{role}\n{content}", bos=False, eos=False)
-            return tokens + [special["<|im_end|>"]] + self.tokenizer.encode("\n", bos=False, eos=False)
+            return tokens + self.encode_end()
         tokens = self.encode_header(role)
         tokens += self.tokenizer.encode(content, bos=False, eos=False)
-        return tokens + [self.tokenizer.special_tokens["<|eot_id|>"]]
+        return tokens + self.encode_end()
+
+    def encode_end(self) -> list[int]:
+        """What closes a message: Llama 3's <|eot_id|>; ChatML's <|im_end|> and a newline. (A chat
+        that keeps its KV cache feeds these after a reply: the model wrote the stop token but,
+        stopping there, never read it.)"""
+        if self.chatml:
+            return [self.tokenizer.special_tokens["<|im_end|>"]] + self.tokenizer.encode("\n", bos=False, eos=False)
+        return [self.tokenizer.special_tokens["<|eot_id|>"]]
 
     def encode_dialog_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation, ending where the assistant's reply starts.
