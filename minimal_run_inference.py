@@ -29,9 +29,9 @@ MAX_SEQ_LEN = 2048  # prompt + new tokens; the KV cache is allocated for this ma
 # process within it by reading transformer blocks from the checkpoint file as they run, the next
 # ones read ahead while the current one computes (CPU, Linux). Each token then reads the file once.
 MAX_MEMORY = None
-# CPU threads for the matrix products: decoding is bound by memory bandwidth, which one or two
-# cores saturate; more threads mostly wait on each other. See THREADS in run_inference.py.
-THREADS = torch.get_num_threads()
+# CPU threads for the matrix products: one per core but one, so that another busy program does
+# not stall every product. See THREADS in run_inference.py.
+THREADS = max(1, torch.get_num_threads() - 1)
 
 
 def main():

@@ -350,7 +350,8 @@ def test_help_shows_every_default(script):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0
     assert "(default: 32)" in result.stdout and "(default: 2048)" in result.stdout  # max-new-tokens, max-seq-len
-    assert f"(default: {torch.get_num_threads()})" in result.stdout  # threads
+    # threads: one per core but one, so that a busy machine does not stall every matrix product
+    assert f"(default: {max(1, torch.get_num_threads() - 1)})" in result.stdout
 
 
 # --- a real model ---------------------------------------------------------------------------------
