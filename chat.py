@@ -368,6 +368,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C while a reply was being recorded
         print("\n[interrupted]", file=sys.stderr)
         sys.exit(130)
+    if not interactive and not replies:
+        print("[standard input held no message: nothing to answer]", file=sys.stderr)
 
 
 if __name__ == "__main__":

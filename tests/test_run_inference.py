@@ -311,10 +311,10 @@ def test_non_finite_logits_stop_with_one_line(tmp_path, script, extra):
                                               f"NaN or infinity")
 
 
-@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py", "chat.py"])
 def test_ctrl_c_while_loading_is_one_line_and_exit_130(tmp_path, script):
     model_dir = memory_test_checkpoint(tmp_path)  # 120 MB, quantized at load: long enough to interrupt
-    extra = ["--quantize", "int8"] if script == "run_inference.py" else ["--max-memory", "64GB"]
+    extra = ["--max-memory", "64GB"] if script == "minimal_run_inference.py" else ["--quantize", "int8"]
     result = interrupt_while_loading([sys.executable, script, "--model-dir", str(model_dir), *extra],
                                      model_dir / "consolidated.00.pth", cwd=REPO)
     assert result.returncode == 130 and result.stdout == "", result.stderr
@@ -345,11 +345,12 @@ def test_prompt_from_a_file_or_standard_input(cycle_dir, tmp_path, script):
         assert "threads: 1" in from_file.stderr
 
 
-@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
-def test_help_shows_every_default(script):
+@pytest.mark.parametrize("script, max_new_tokens", [("run_inference.py", 32), ("minimal_run_inference.py", 32),
+                                                    ("chat.py", 512)])
+def test_help_shows_every_default(script, max_new_tokens):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0
-    assert "(default: 32)" in result.stdout and "(default: 2048)" in result.stdout  # max-new-tokens, max-seq-len
+    assert f"(default: {max_new_tokens})" in result.stdout and "(default: 2048)" in result.stdout
     # threads: one per core but one, so that a busy machine does not stall every matrix product
     assert f"(default: {max(1, torch.get_num_threads() - 1)})" in result.stdout
 
