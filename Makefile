@@ -3,6 +3,7 @@
 #   make demo   - the quick start: a small open model, converted once, answering a question
 #   make chat   - a conversation with that model in the terminal (chat.py)
 #   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
+#   make bench-quality - perplexity and KL divergence of every precision, ours and llama.cpp's -> benchmarks/RESULTS-quality.md
 #   make bench-8b - peak memory of a random 8B-shaped model in bf16 and int8 -> benchmarks/RESULTS-8b.md
 #   make bench-offload - the 8B model streamed from disk under a 4 GB budget -> benchmarks/RESULTS.md
 
@@ -19,7 +20,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 # Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
 SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo chat bench bench-8b bench-offload
+.PHONY: test demo chat bench bench-quality bench-8b bench-offload
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -68,8 +69,10 @@ GGUF_TYPES := F32 BF16 Q8_0 Q4_1
 # The GGUF files of SmolLM2 carry its own tokenizer metadata; the others' is built from tokenizer.model.
 VOCAB_FROM_SmolLM2-135M-Instruct := --vocab-from $(SMOLLM2_GGUF)
 
+# llama.cpp built for this CPU, as its users build it (GGML_NATIVE: every instruction set the
+# CPU has); no cached wheel, which may have been built for another CPU.
 $(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
-	$(PIP) -r requirements-bench.txt
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) --no-cache-dir -r requirements-bench.txt
 	touch $@
 
 $(BENCH)/SmolLM2-135M-Instruct: | $(VENV)/.convert $(SMOLLM2_GGUF)
@@ -94,6 +97,10 @@ $(BENCH)/%-F32.gguf $(BENCH)/%-BF16.gguf $(BENCH)/%-Q8_0.gguf $(BENCH)/%-Q4_1.gg
 
 bench: $(VENV)/.bench $(foreach m,$(BENCH_MODELS),$(BENCH)/$(m)-hf $(GGUF_TYPES:%=$(BENCH)/$(m)-%.gguf))
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
+
+# Perplexity, KL divergence and top-1 agreement of every precision, ours and llama.cpp's, on SmolLM2.
+bench-quality: $(VENV)/.bench $(GGUF_TYPES:%=$(BENCH)/SmolLM2-135M-Instruct-%.gguf)
+	$(PY) benchmarks/quality.py $(BENCH)/SmolLM2-135M-Instruct --llama-cpp --out benchmarks/RESULTS-quality.md
 
 bench-8b: $(VENV)/.bench $(BENCH)/llama3.1-8b
 	$(PY) benchmarks/run.py --big

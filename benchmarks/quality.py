@@ -1,0 +1,137 @@
+"""How much each precision changes the model's predictions: perplexity, KL divergence, top-1.
+
+    python benchmarks/quality.py benchmarks/work/SmolLM2-135M-Instruct            # ours only
+    python benchmarks/quality.py benchmarks/work/SmolLM2-135M-Instruct --llama-cpp --out benchmarks/RESULTS-quality.md
+
+Over a real English text, in windows of --ctx tokens (each starting with the begin-of-text
+token), every mode scores the second half of each window, where each prediction has at least
+ctx/2 tokens of context (as llama.cpp's `llama-perplexity` does). Against our float32 logits, the
+reference, it reports what `llama-perplexity --kl-divergence` reports:
+- perplexity: exp(mean negative log-likelihood of the text's next token);
+- mean KL(reference || mode) over positions, in nats: how far the whole next-token distribution
+  moved, not only the chosen token;
+- top-1 agreement: how often the mode's most likely token is the reference's.
+
+The text: Python's own documentation, the "topics" of the language reference that `pydoc`
+shows (`pydoc_data/topics.py`, shipped with every CPython: English prose with code examples,
+about 65,000 words), so it is there offline, on every machine, identical for every contender.
+
+With --llama-cpp, llama.cpp's F32, BF16, Q8_0 and Q4_1 GGUF files of the same weights (made by
+`make bench`, beside the checkpoint: DIR-F32.gguf, ...) score the same token ids.
+"""
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import llama_models  # noqa: E402
+
+THREADS = len(os.sched_getaffinity(0))
+OURS = {"ours fp32": ("float32", None), "ours bf16": ("bfloat16", None), "ours int8": ("bfloat16", "int8"),
+        "ours int4": ("bfloat16", "int4")}
+LLAMA_CPP = ["F32", "BF16", "Q8_0", "Q4_1"]
+
+
+def text_tokens(tokenizer, n_tokens: int) -> list[int]:
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics))
+    tokens = tokenizer.encode(text, bos=False, eos=False)
+    if len(tokens) < n_tokens:
+        sys.exit(f"the text has only {len(tokens)} tokens; ask for fewer with --tokens")
+    return tokens[:n_tokens]
+
+
+class Ours:
+    def __init__(self, model_dir, dtype, quantize, ctx):
+        self.model, _ = llama_models.load(model_dir, device="cpu", dtype=getattr(torch, dtype), quantize=quantize,
+                                          max_seq_len=ctx)
+
+    def log_probs(self, window: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return F.log_softmax(self.model(torch.tensor([window]), 0)[0], dim=-1)  # (S, V) float32
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, ctx: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=THREADS,
+                                   n_threads_batch=THREADS, verbose=False)
+        self.system_info = llama_cpp.llama_print_system_info().decode()
+
+    def log_probs(self, window: list[int]) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(window)
+        logits = torch.from_numpy(self.llm.scores[:len(window)].copy())  # (S, V) float32
+        return F.log_softmax(logits, dim=-1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--tokens", type=int, default=20480, help="tokens of text to score (windows of --ctx)")
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's GGUF files beside model_dir")
+    parser.add_argument("--out", type=Path, help="write the table to this markdown file")
+    opts = parser.parse_args()
+    torch.set_num_threads(THREADS)
+
+    tokenizer = llama_models.Tokenizer(opts.model_dir / "tokenizer.model")
+    tokens = text_tokens(tokenizer, opts.tokens)
+    modes = {name: Ours(opts.model_dir, dtype, quantize, opts.ctx) for name, (dtype, quantize) in OURS.items()}
+    system_info = ""
+    if opts.llama_cpp:
+        for gguf_type in LLAMA_CPP:
+            path = opts.model_dir.with_name(f"{opts.model_dir.name}-{gguf_type}.gguf")
+            modes[f"llama.cpp {gguf_type}"] = LlamaCpp(path, opts.ctx)
+            system_info = modes[f"llama.cpp {gguf_type}"].system_info
+
+    # Each window: the begin-of-text token, then ctx - 1 tokens of text; windows do not overlap.
+    step = opts.ctx - 1
+    windows = [[tokenizer.bos_id] + tokens[i:i + step] for i in range(0, len(tokens) - step + 1, step)]
+    half = opts.ctx // 2
+    totals = {name: {"nll": 0.0, "kl": 0.0, "top1": 0} for name in modes}
+    scored = 0
+    for n, window in enumerate(windows, 1):
+        targets = torch.tensor(window[half + 1:])  # the next token of positions half .. ctx - 2
+        ref = modes["ours fp32"].log_probs(window)[half:-1]  # (P, V): the reference
+        for name, mode in modes.items():
+            logp = ref if name == "ours fp32" else mode.log_probs(window)[half:-1]
+            totals[name]["nll"] -= logp.gather(1, targets[:, None]).sum().item()
+            totals[name]["kl"] += (ref.exp() * (ref - logp)).sum().item()
+            totals[name]["top1"] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+        scored += len(targets)
+        print(f"window {n}/{len(windows)}: " + ", ".join(
+            f"{name} ppl {math.exp(t['nll'] / scored):.3f}" for name, t in totals.items()), file=sys.stderr)
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    lines = [f"## Quality: {opts.model_dir.name}", "",
+             f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores. {scored} scored positions: the second halves "
+             f"of {len(windows)} windows of {opts.ctx} tokens of Python's documentation (pydoc_data/topics.py). "
+             f"KL divergence and top-1 agreement against ours fp32. Command: `python benchmarks/quality.py "
+             f"{opts.model_dir} --tokens {opts.tokens} --ctx {opts.ctx}{' --llama-cpp' if opts.llama_cpp else ''}`",
+             ""]
+    if system_info:
+        lines += [f"llama.cpp system info: `{system_info.strip()}`", ""]
+    lines += ["| mode | perplexity | mean KL vs ours fp32 (nats) | top-1 agreement |", "|---|---|---|---|"]
+    for name, t in totals.items():
+        lines.append(f"| {name} | {math.exp(t['nll'] / scored):.4f} | {t['kl'] / scored:.5f} | "
+                     f"{100 * t['top1'] / scored:.2f}% |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if opts.out:
+        opts.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
