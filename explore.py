@@ -13,7 +13,7 @@ how to read it. Edit the globals below and run it, or override them with flags:
     python explore.py --model-dir ~/.llama/checkpoints/SmolLM2-135M-Instruct
     python explore.py --prompt "The capital of France is" --sections lens
     python explore.py --sections attention --layers 0,-1 --heads 0,3 --position -1
-    python explore.py --plot figures --layers 5
+    python explore.py --plot figures --plot-layers 5 --heads 0,3
 The functions are importable and do nothing on import; in a notebook:
     rec = explore.record(model, tokens)           # logits, hidden states, attention probabilities
     explore.logit_lens(model, rec.hidden[:, -1])  # (n_layers + 1, vocab) probabilities
@@ -299,7 +299,7 @@ def plot_logit_lens(model, tokenizer, rec: Recording, tokens, path: Path, dpi: i
     ids = torch.stack([b.indices for b in best], dim=1)  # (n_layers + 1, S)
     fig = Figure(figsize=lens_figure_size(len(tokens), len(probs)), dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(probs.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
+    image = ax.imshow(probs.cpu().numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
     for layer in range(probs.shape[0]):
         for p in range(probs.shape[1]):
             dark = probs[layer, p] > 0.6
@@ -325,7 +325,7 @@ def plot_attention(tokenizer, rec: Recording, tokens, block: int, heads: list[in
     every = max(1, len(tokens) // 40)  # a tick label per token, unless they would overlap
     size = 8 if len(tokens) <= 16 else 6
     for ax, (title, matrix) in zip(axes, panels):
-        image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=1)
+        image = ax.imshow(matrix.cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ticks = range(0, len(tokens), every)
         ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=size)
