@@ -137,6 +137,11 @@ class Attention(nn.Module):
         cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
+        # A look inside (explore.py): when True, forward computes the attention probabilities
+        # explicitly, keeps them in self.weights and uses them for its output. Off, it is one
+        # attribute check per call: the fused kernel below never builds the (S, kv_len) matrix.
+        self.record_weights = False
+        self.weights = None  # (B, H, S, kv_len) float32, the last call's, while record_weights
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
         bsz, seqlen, _ = x.shape
@@ -152,15 +157,33 @@ class Attention(nn.Module):
         keys = self.cache_k[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
         values = self.cache_v[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
 
-        # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
-        # sharing inside the kernel instead of materialising repeated copies of the cache.
-        out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2),  # (B, H, S, Hd)
-            keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )  # (B, H, S, Hd)
+        if self.record_weights:
+            out = self._attend_and_record(xq.transpose(1, 2), keys, values, mask)
+        else:
+            # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does
+            # the sharing inside the kernel instead of materialising repeated copies of the cache.
+            out = F.scaled_dot_product_attention(
+                xq.transpose(1, 2),  # (B, H, S, Hd)
+                keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
+                enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+            )  # (B, H, S, Hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, S, H*Hd)
         return self.wo(out)
+
+    def _attend_and_record(self, xq, keys, values, mask):
+        """What scaled_dot_product_attention computes, step by step, keeping the probabilities.
+
+        xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool or None.
+        """
+        group = self.n_local_heads // self.n_local_kv_heads
+        keys = keys.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd): query head h reads kv head h // group
+        values = values.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd)
+        scores = xq @ keys.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, H, S, kv_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # a later position gets probability 0
+        # The softmax in float32 even for bf16 activations, as transformers' eager attention does.
+        self.weights = scores.float().softmax(dim=-1)  # (B, H, S, kv_len), each row sums to 1
+        return self.weights.type_as(values) @ values  # (B, H, S, Hd)
 
 
 class FeedForward(nn.Module):

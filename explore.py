@@ -1,0 +1,485 @@
+"""Inside the model: how the prompt is cut into tokens, what each block adds, where attention looks.
+
+One forward pass over the prompt, recorded, shown in three sections:
+
+- tokens: each position's id, text and line in tokenizer.model, whose base64 is decoded beside it;
+- the logit lens: the residual stream after every block, read by the final norm and output head as
+  if the model stopped there: when does it "know" its answer?
+- attention: which earlier tokens the chosen position reads most, per head and on average.
+
+--plot DIR draws the logit lens as a grid and each chosen block's attention as heat maps (PNG,
+needs matplotlib: pip install -r requirements-explore.txt). docs/explore.md shows real output and
+how to read it. Edit the globals below and run it, or override them with flags:
+    python explore.py --model-dir ~/.llama/checkpoints/SmolLM2-135M-Instruct
+    python explore.py --prompt "The capital of France is" --sections lens
+    python explore.py --sections attention --layers 0,-1 --heads 0,3 --position -1
+    python explore.py --plot figures --plot-layers 5 --heads 0,3
+The functions are importable and do nothing on import; in a notebook:
+    rec = explore.record(model, tokens)           # logits, hidden states, attention probabilities
+    explore.logit_lens(model, rec.hidden[:, -1])  # (n_layers + 1, vocab) probabilities
+"""
+
+import argparse
+import base64
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+import llama_models
+import run_inference
+from llama_models import cli
+
+# --- what to run ---
+MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR
+LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `llama model download` puts them
+INPUT_STRING = "The capital of France is"  # the text to look inside
+# Plain text by default, even for an Instruct model: the tokens are then the prompt's own. With
+# CHAT the prompt is wrapped in the chat template first, special tokens and all (run_inference.py).
+CHAT = False
+SYSTEM_PROMPT = ""  # chat mode only
+DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
+DTYPE = None  # "float32", "bfloat16", "float16"; None: the device's default (bfloat16 on CPU)
+MAX_SEQ_LEN = 2048  # the longest prompt: the KV cache is allocated for this many positions
+THREADS = max(1, torch.get_num_threads() - 1)  # CPU threads: one per core but one (see run_inference.py)
+
+# --- what to show ---
+SECTIONS = "tokens,lens,attention"  # any of them, comma-separated, in this order
+POSITION = -1  # the position the logit lens and attention sections look from; -1: the last
+LAYERS = "all"  # blocks the attention section shows: "all", "none", or e.g. "0,5,-1" (negative: from the end)
+HEADS = "all"  # heads shown one by one under each block's average: "all", "none" or e.g. "0,3"
+TOP = 3  # tokens per logit-lens row; earlier tokens per attention line
+PLOT_DIR = None  # a directory to write PNG figures into; None: no figures
+# The blocks --plot draws attention heat maps of, one figure each (a second or two per figure):
+# the first block, which reads the words themselves, and the last, where most heads rest on the first token.
+PLOT_LAYERS = "0,-1"
+PLOT_DPI = 100  # pixels per inch of the figures (their size in inches follows the prompt's length)
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward pass, recorded.
+# ---------------------------------------------------------------------------------------------
+
+class Recording(NamedTuple):
+    """What one forward pass over a prompt computed (batch row 0; float32 where noted)."""
+    logits: torch.Tensor  # (seq, vocab) float32: the model's output at each position
+    hidden: torch.Tensor  # (n_layers + 1, seq, dim): the residual stream before block 0, after each block
+    attention: Optional[torch.Tensor]  # (len(layers), n_heads, seq, seq) float32: query x key probabilities
+    layers: list[int]  # the blocks `attention` holds, in its order
+
+
+@torch.inference_mode()
+def record(model, tokens: Sequence[int], attention: bool = True, layers: Optional[Sequence[int]] = None) -> Recording:
+    """Run the prompt through the model once and keep what happens inside.
+
+    The hidden states come from forward hooks on the blocks, the attention probabilities from the
+    blocks' own attention, switched to record them (Attention.record_weights), so they are the
+    very numbers its output is made of. The KV cache is overwritten from position 0.
+
+    Args:
+        model: a llama_models.Transformer in one process.
+        tokens: the prompt's token ids, at most model.params.max_seq_len of them.
+        attention: record attention probabilities; False leaves attention on its fused kernel.
+        layers: the blocks whose attention to record (default all); each costs n_heads * seq**2 floats.
+    Returns:
+        Recording: logits (seq, vocab), hidden (n_layers + 1, seq, dim) in the model's dtype,
+        attention (len(layers), n_heads, seq, seq) or None.
+    """
+    device = model.tok_embeddings.weight.device
+    layers = list(range(len(model.layers))) if layers is None else list(layers)
+    hidden = []
+    # The input of block 0 is the token embeddings; each block's output is the next one's input.
+    hooks = [model.layers[0].register_forward_pre_hook(lambda module, args: hidden.append(args[0][0]))]
+    hooks += [block.register_forward_hook(lambda module, args, out: hidden.append(out[0])) for block in model.layers]
+    recorders = [model.layers[i].attention for i in layers] if attention else []
+    for module in recorders:
+        module.record_weights = True
+    try:
+        logits = model(torch.tensor([list(tokens)], device=device), start_pos=0)[0]  # (S, V)
+        weights = torch.stack([module.weights[0] for module in recorders]) if recorders else None  # (layers, H, S, S)
+    finally:  # also on Ctrl-C: leave the model as fast as it was
+        for hook in hooks:
+            hook.remove()
+        for module in recorders:
+            module.record_weights, module.weights = False, None
+    return Recording(logits, torch.stack(hidden), weights, layers)
+
+
+def hidden_states(model, tokens: Sequence[int]) -> torch.Tensor:
+    """(n_layers + 1, seq, dim): entry 0 the embeddings, entry i the residual stream after block i-1.
+
+    The last entry is before the final norm (transformers' output_hidden_states gives it after).
+    """
+    return record(model, tokens, attention=False).hidden
+
+
+def attention_weights(model, tokens: Sequence[int]) -> torch.Tensor:
+    """(n_layers, n_heads, seq, seq) float32: how much each query position (row) attends to each
+    key position (column); rows sum to 1 and are 0 right of the diagonal (causal)."""
+    return record(model, tokens).attention
+
+
+@torch.inference_mode()
+def logit_lens(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output distribution a residual stream would give if the model stopped there.
+
+    Args:
+        hidden: (..., dim) residual stream states, e.g. Recording.hidden[:, position].
+    Returns:
+        (..., vocab) float32 probabilities: softmax(output(norm(hidden))).
+    """
+    # Why this means something: every block *adds* its output to one running vector, the residual
+    # stream, and the final norm and output head read that same vector at the end. So they can
+    # read it after any block: what the model would say were the remaining blocks skipped
+    # (nostalgebraist, "interpreting GPT: the logit lens", 2020). Where it misleads: the head was
+    # trained on the last block's output only. Early states may hold the answer in directions the
+    # head does not read (a learned per-layer translation, the "tuned lens", reads them better:
+    # Belrose et al. 2023), so a low rank early on does not prove the information is absent. And
+    # with tied embeddings (SmolLM2) the embedding's own row is its best match: the lens of the
+    # input embeddings predicts the input token itself.
+    return model.output(model.norm(hidden)).float().softmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and tokenizer.model.
+# ---------------------------------------------------------------------------------------------
+
+class TokenRow(NamedTuple):
+    position: int
+    id: int
+    text: str  # repr of the token's text, or of its bytes where they are not valid UTF-8 alone
+    special: bool  # a control token: not made from text, not in tokenizer.model
+    line: Optional[int]  # its line number in tokenizer.model (None for a special token)
+    base64: Optional[str]  # that line's first field: base64 of the token's bytes
+
+
+def vocabulary_lines(path: Path, ids) -> dict[int, tuple[int, str]]:
+    """{id: (line number, base64 text)} for the given ids, read from tokenizer.model.
+
+    The file is the whole byte-level BPE vocabulary: one `base64(token bytes) id` pair per line.
+    The id is also the token's merge rank: BPE merges the pair whose result has the lowest id
+    first, so the single bytes come first and long, rare words last.
+    """
+    wanted, found = set(ids), {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if len(fields) == 2 and int(fields[1]) in wanted:
+                found[int(fields[1])] = (number, fields[0].decode("ascii"))
+    return found
+
+
+def token_rows(tokenizer, tokenizer_path: Path, tokens: Sequence[int]) -> list[TokenRow]:
+    special = set(tokenizer.special_tokens.values())
+    lines = vocabulary_lines(tokenizer_path, [t for t in tokens if t not in special])
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    rows = []
+    for position, token in enumerate(tokens):
+        line, b64 = lines.get(token, (None, None))
+        text = names[token] if token in special else run_inference.token_text(tokenizer, token)
+        rows.append(TokenRow(position, token, text, token in special, line, b64))
+    return rows
+
+
+def print_tokens(rows: list[TokenRow], tokenizer_path: Path) -> None:
+    print(f"== tokens: {len(rows)} ==")
+    print(f"{tokenizer_path.name} is the vocabulary, one `base64(token bytes) id` pair per line; each "
+          f"token's line, decoded:")
+    width = max(12, *(len(r.text) for r in rows))
+    print(f"{'pos':>4} {'id':>7}  {'text':<{width}}  {'line':>7}  base64 -> bytes")
+    for r in rows:
+        if r.special:
+            where = "special token: a control id, in no line of the file"
+        else:
+            where = f"{r.line:>7}  {r.base64} -> {base64.b64decode(r.base64)!r}"
+        print(f"{r.position:>4} {r.id:>7}  {r.text:<{width}}  {where}")
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# The logit lens and attention, printed.
+# ---------------------------------------------------------------------------------------------
+
+def layer_name(i: int) -> str:
+    """Row i of Recording.hidden: 0 is the embeddings, i the output of block i - 1."""
+    return "embedding" if i == 0 else f"block {i - 1}"
+
+
+def print_logit_lens(model, tokenizer, rec: Recording, tokens, position: int, top: int) -> None:
+    probs = logit_lens(model, rec.hidden[:, position])  # (n_layers + 1, V)
+    final = int(rec.logits[position].argmax())
+    final_text = run_inference.token_text(tokenizer, final)
+    # The rank of the final prediction at each layer: 1 + how many tokens are more likely.
+    ranks = (probs > probs[:, final:final + 1]).sum(dim=-1) + 1  # (n_layers + 1,)
+    print(f"== logit lens at position {position} ({run_inference.token_text(tokenizer, tokens[position])}) ==")
+    print(f"the residual stream after each block, through the final norm and the output head; the model's "
+          f"prediction is {final_text} ({float(rec.logits[position].softmax(-1)[final]):.3f})")
+    rows = []
+    for i in range(len(probs)):
+        best = probs[i].topk(top)
+        rows.append("  ".join(f"{run_inference.token_text(tokenizer, int(t))} {float(p):.3f}"
+                              for p, t in zip(best.values, best.indices)))
+    heading = f"top {top}"
+    width = max(len(heading), *(len(r) for r in rows))
+    print(f"{'after':<10} {heading:<{width}}  {final_text}: rank, probability")
+    for i, row in enumerate(rows):
+        print(f"{layer_name(i):<10} {row:<{width}}  {int(ranks[i]):>7}  {float(probs[i, final]):.4f}")
+    first = next((i for i in range(len(ranks)) if ranks[i:].eq(1).all()), None)
+    if first is not None:  # (None only if the lens of the last block and the logits tie differently)
+        print(f"{final_text} is the top token from {layer_name(first)} on")
+    print()
+
+
+def print_attention(tokenizer, rec: Recording, tokens, position: int, blocks: list[int], heads: list[int],
+                    top: int) -> None:
+    # The attention sink: a head's probabilities must sum to 1 over the positions it may read, so a
+    # head with nothing useful to read at this position still has to put its weight somewhere.
+    # Trained models learn to put it on the first token, which every position can see; its value
+    # vectors are small, so the weight buys little. Most heads of most layers show it (Xiao et al.
+    # 2023, "Efficient streaming language models with attention sinks": drop the first token from a
+    # sliding window and the text degrades at once). Heads that do look at content stand out by
+    # *not* weighing position 0 most.
+    label = [f"{run_inference.token_text(tokenizer, t)}({i})" for i, t in enumerate(tokens)]
+    n = min(top, position + 1)
+    print(f"== attention from position {position} ({label[position]}): the {n} tokens it weighs most, "
+          f"as text(position) probability ==")
+
+    def line(weights):  # (S,) one query's probabilities over the keys 0..position
+        best = weights[:position + 1].topk(n)
+        return "  ".join(f"{label[int(k)]} {float(w):.3f}" for w, k in zip(best.values, best.indices))
+
+    rows = rec.attention[[rec.layers.index(b) for b in blocks], :, position]  # (blocks, H, S)
+    for block, weights in zip(blocks, rows):
+        print(f"block {block:<3} mean    {line(weights.mean(dim=0))}")
+        for h in heads:
+            print(f"          head {h:<3}{line(weights[h])}")
+    sink = float(rows[:, :, 0].mean())
+    print(f"weight on position 0, averaged over these blocks and all heads: {sink:.3f} (the attention sink)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures (matplotlib, optional).
+# ---------------------------------------------------------------------------------------------
+
+def import_matplotlib():
+    """matplotlib's Figure, or ValueError saying how to install it."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no window, no global state, any machine
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install -r requirements-explore.txt") from None
+    return Figure
+
+
+def lens_figure_size(n_positions: int, n_rows: int) -> tuple[float, float]:
+    """Inches: a cell 1.1 wide and 0.28 high per token and layer, plus room for the labels."""
+    return 2.0 + 1.1 * n_positions, 1.4 + 0.28 * n_rows
+
+
+def attention_figure_size(n_positions: int, n_panels: int) -> tuple[float, float]:
+    """Inches: panels of max(3, 0.3 per token) square, 4 to a row, plus room for the labels."""
+    side = max(3.0, 0.3 * n_positions)
+    cols = min(4, n_panels)
+    rows = -(-n_panels // cols)
+    return 1.0 + (side + 1.2) * cols, 0.8 + (side + 1.2) * rows
+
+
+def short(text: str, n: int = 10) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def plot_logit_lens(model, tokenizer, rec: Recording, tokens, path: Path, dpi: int) -> None:
+    """A grid, layers (rows) x positions (columns): each cell's top token, coloured by its probability."""
+    Figure = import_matplotlib()
+    # One position at a time: (n_layers + 1, V) floats each, never (n_layers + 1, S, V).
+    best = [logit_lens(model, rec.hidden[:, p]).max(dim=-1) for p in range(len(tokens))]
+    probs = torch.stack([b.values for b in best], dim=1)  # (n_layers + 1, S)
+    ids = torch.stack([b.indices for b in best], dim=1)  # (n_layers + 1, S)
+    fig = Figure(figsize=lens_figure_size(len(tokens), len(probs)), dpi=dpi, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(probs.cpu().numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
+    for layer in range(probs.shape[0]):
+        for p in range(probs.shape[1]):
+            dark = probs[layer, p] > 0.6
+            ax.text(p, layer, short(run_inference.token_text(tokenizer, int(ids[layer, p]))), ha="center",
+                    va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(len(tokens)), [short(run_inference.token_text(tokenizer, t), 14) for t in tokens],
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(probs)), [layer_name(i) for i in range(len(probs))], fontsize=7)
+    ax.set_title("logit lens: the top next token after each block, at each input position")
+    fig.colorbar(image, ax=ax, label="probability of the top token", shrink=0.6)
+    save(fig, path)
+
+
+def plot_attention(tokenizer, rec: Recording, tokens, block: int, heads: list[int], path: Path, dpi: int) -> None:
+    """One block's attention: a query x key heat map per head, and the mean over all heads."""
+    Figure = import_matplotlib()
+    weights = rec.attention[rec.layers.index(block)]  # (H, S, S)
+    panels = [(f"head {h}", weights[h]) for h in heads] + [("mean over heads", weights.mean(dim=0))]
+    fig = Figure(figsize=attention_figure_size(len(tokens), len(panels)), dpi=dpi, layout="constrained")
+    cols = min(4, len(panels))
+    axes = fig.subplots(-(-len(panels) // cols), cols, squeeze=False).flatten()
+    labels = [short(run_inference.token_text(tokenizer, t), 12) for t in tokens]
+    every = max(1, len(tokens) // 40)  # a tick label per token, unless they would overlap
+    size = 8 if len(tokens) <= 16 else 6
+    for ax, (title, matrix) in zip(axes, panels):
+        image = ax.imshow(matrix.cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ticks = range(0, len(tokens), every)
+        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=size)
+        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=size)
+        ax.set_xlabel("key (attended to)", fontsize=7)
+        ax.set_ylabel("query", fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes.tolist(), label="attention probability", shrink=0.6)
+    fig.suptitle(f"block {block}: attention probabilities, query (row) x key (column)")
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    with warnings.catch_warnings():  # a token outside the font's glyphs draws as a box; no warning each time
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        try:
+            fig.savefig(path, dpi=fig.dpi)  # no bbox_inches="tight": the size is the figure's own
+        except OSError as e:
+            raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+    width, height = fig.get_size_inches() * fig.dpi
+    print(f"wrote {path} ({round(width)} x {round(height)} pixels)")
+
+
+def plot_dir(path: Path) -> Path:
+    """Make the --plot directory, or raise ValueError saying why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".explore-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--plot {path}: cannot write figures there ({e.strerror or e})") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    add = parser.add_argument
+    add("--model-dir", type=Path, default=LLAMA_MODELS_DIR / MODEL_NAME,
+        help="checkpoint directory (params.json, consolidated.00.pth, tokenizer.model)")
+    add("--prompt", default=INPUT_STRING, help="the text to look inside")
+    add("--prompt-file", help="read the prompt from this file instead; - reads standard input")
+    add("--chat", action=argparse.BooleanOptionalAction, default=CHAT, help="wrap the prompt in the chat template")
+    add("--system", default=SYSTEM_PROMPT, help="system prompt, chat mode only")
+    add("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], default=DTYPE,
+        help="weights and activations dtype (default: bfloat16 on CPU)")
+    add("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="the longest prompt (KV cache length)")
+    add("--threads", type=int, default=THREADS, help="CPU threads")
+    add("--sections", default=SECTIONS, help="what to print: tokens, lens, attention (comma-separated)")
+    add("--position", type=int, default=POSITION, help="the position the lens and attention look from; -1: the last")
+    add("--layers", default=LAYERS, help="blocks the attention section shows: all, none, or e.g. 0,5,-1")
+    add("--heads", default=HEADS, help="heads shown one by one: all, none, or e.g. 0,3")
+    add("--top", type=int, default=TOP, help="tokens per logit-lens row and per attention line")
+    add("--plot", type=Path, default=PLOT_DIR, metavar="DIR", help="write PNG figures into DIR (needs matplotlib)")
+    add("--plot-layers", default=PLOT_LAYERS, help="blocks --plot draws attention heat maps of: all, none, or e.g. 5")
+    add("--plot-dpi", type=int, default=PLOT_DPI, help="pixels per inch of the figures")
+    return parser.parse_args(argv)
+
+
+def parse_sections(text: str) -> list[str]:
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in ("tokens", "lens", "attention")]
+    if unknown or not sections:
+        raise ValueError(f"--sections: {', '.join(unknown) or 'none given'}; choose from tokens, lens, attention")
+    return sections
+
+
+def parse_indices(text: str, n: int, flag: str, what: str) -> list[int]:
+    """"all", "none" or comma-separated indices (negative ones count from the end) -> [0 .. n-1]."""
+    if text.strip() == "all":
+        return list(range(n))
+    if text.strip() == "none":
+        return []
+    indices = []
+    for field in text.split(","):
+        try:
+            i = int(field)
+        except ValueError:
+            raise ValueError(f"{flag}: {field.strip()!r} is not an index; give all, none or e.g. 0,3,-1") from None
+        if not -n <= i < n:
+            raise ValueError(f"{flag}: {i} is out of range: the model has {n} {what} (0 to {n - 1}, or -{n} to -1)")
+        indices.append(i % n)
+    return list(dict.fromkeys(indices))  # in the order given, each once
+
+
+def check_args(args) -> None:
+    rules = [
+        (args.max_seq_len >= 1, f"--max-seq-len must be at least 1, got {args.max_seq_len}"),
+        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
+        (args.top >= 1, f"--top must be at least 1, got {args.top}"),
+        (args.plot_dpi >= 10, f"--plot-dpi must be at least 10, got {args.plot_dpi}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with cli.user_errors(args.model_dir, MODEL_NAME):  # one line and exit 1; Ctrl-C: exit 130
+        check_args(args)
+        sections = parse_sections(args.sections)
+        if args.plot is not None:  # before the model loads: a missing package or bad folder fails fast
+            import_matplotlib()
+            plot_dir(args.plot)
+        args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
+        torch.set_num_threads(args.threads)
+        device = llama_models.resolve_device(args.device)
+        model, tokenizer = llama_models.load(args.model_dir, device=device, max_seq_len=args.max_seq_len,
+                                             dtype=getattr(torch, args.dtype) if args.dtype else None)
+        llama_models.print_on_first_process_only()
+        print(run_inference.model_summary(model), file=sys.stderr)
+        tokens = run_inference.encode_prompt(tokenizer, args.prompt, args.chat, args.system)
+        n = len(tokens)
+        if n > args.max_seq_len:
+            raise ValueError(f"the prompt is {n} tokens, more than --max-seq-len {args.max_seq_len}")
+        if not -n <= args.position < n:
+            raise ValueError(f"--position {args.position} is out of range: the prompt has {n} tokens "
+                             f"(0 to {n - 1}, or -{n} to -1)")
+        position = args.position % n
+        layers = parse_indices(args.layers, model.params.n_layers, "--layers", "blocks")
+        layers = layers if "attention" in sections else []
+        plot_layers = (parse_indices(args.plot_layers, model.params.n_layers, "--plot-layers", "blocks")
+                       if args.plot is not None else [])
+        heads = parse_indices(args.heads, model.layers[0].attention.n_local_heads, "--heads", "heads")
+        recorded = sorted(set(layers) | set(plot_layers))
+        rec = record(model, tokens, attention=bool(recorded), layers=recorded)
+        for p in range(n):  # NaN would print as a plausible-looking table: stop, and say why
+            cli.check_finite(rec.logits[p], p, model.norm.weight.dtype)
+
+        try:
+            if "tokens" in sections:
+                print_tokens(token_rows(tokenizer, args.model_dir / "tokenizer.model", tokens),
+                             args.model_dir / "tokenizer.model")
+            if "lens" in sections:
+                print_logit_lens(model, tokenizer, rec, tokens, position, args.top)
+            if layers:
+                print_attention(tokenizer, rec, tokens, position, layers, heads, args.top)
+            if args.plot is not None:
+                plot_logit_lens(model, tokenizer, rec, tokens, args.plot / "logit-lens.png", args.plot_dpi)
+                for block in plot_layers:
+                    plot_attention(tokenizer, rec, tokens, block, heads, args.plot / f"attention-block-{block:02d}.png",
+                                   args.plot_dpi)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `explore.py | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
