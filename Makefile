@@ -27,7 +27,7 @@ $(VENV)/.runtime: requirements.txt
 	$(PIP) -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-convert.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-convert.txt requirements-explore.txt
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
