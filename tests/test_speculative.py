@@ -406,7 +406,8 @@ def test_ctrl_c_keeps_the_text_and_exits_130(cycle_dir):
     assert code == 130 and "Traceback" not in stderr, stderr
     assert "[interrupted]" in stderr and "speculative:" in stderr
     assert any(line.startswith("pass: ") for line in first_lines)
-    assert stdout.splitlines()[-1].startswith("🦙 世界!🦙")  # the text so far, printed on the way out
+    last = stdout.splitlines()[-1]  # the text so far, printed on the way out
+    assert last.startswith("🦙 ") and len(last) > len("🦙 ")
 
 
 def test_a_draft_with_another_vocabulary_is_one_line(cycle_dir, tmp_path):
