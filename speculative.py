@@ -41,8 +41,12 @@ from llama_models import cli
 
 # Prompt lookup: try the last PROMPT_LOOKUP_MAX_NGRAM tokens first, then shorter tails down to
 # PROMPT_LOOKUP_MIN_NGRAM. A longer match is more context agreeing, so likelier to continue alike.
+# Not down to 1: a single token (" the", ",") has been seen before almost everywhere, and what
+# followed it then is rarely what follows now. On SmolLM2 writing a story (96 tokens, k = 4),
+# 1-token matches made 133 guesses of which 11 passed; from 2 tokens on, 28 guesses, 8 passed. A
+# wrong guess is not free: it widens the pass (benchmarks/RESULTS-speculative.md).
 PROMPT_LOOKUP_MAX_NGRAM = 3
-PROMPT_LOOKUP_MIN_NGRAM = 1
+PROMPT_LOOKUP_MIN_NGRAM = 2
 
 
 # ---------------------------------------------------------------------------------------------
