@@ -541,8 +541,8 @@ def check_args(args) -> None:
         rules += [
             (args.draft == "prompt-lookup" or args.draft_model_dir is not None,
              f"--decoding {args.decoding} needs a proposer: --draft-model-dir DIR or --draft prompt-lookup"),
-            (args.draft == "model" or args.draft_model_dir is None,
-             "--draft prompt-lookup uses no draft model: drop --draft-model-dir"),
+            (args.draft == "model" or (args.draft_model_dir is None and args.draft_quantize is None),
+             "--draft prompt-lookup uses no draft model: drop --draft-model-dir and --draft-quantize"),
             (not args.compile, f"--compile does not apply to --decoding {args.decoding}: "
                                f"its passes take k + 1 tokens, not the one of a compiled step"),
         ]

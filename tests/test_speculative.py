@@ -424,8 +424,8 @@ def test_a_draft_with_another_vocabulary_is_one_line(cycle_dir, tmp_path):
         f"speculative decoding needs the same one": ["--draft-model-dir", str(other_tokenizer)],
         "error: --decoding speculative needs a proposer: --draft-model-dir DIR or --draft prompt-lookup": [],
         "error: --draft-tokens must be at least 1, got 0": ["--draft", "prompt-lookup", "--draft-tokens", "0"],
-        "error: --draft prompt-lookup uses no draft model: drop --draft-model-dir":
-            ["--draft", "prompt-lookup", "--draft-model-dir", str(cycle_dir)],
+        "error: --draft prompt-lookup uses no draft model: drop --draft-model-dir and --draft-quantize":
+            ["--draft", "prompt-lookup", "--draft-quantize", "int4"],
     }
     runs = {message: start_script(*common, *extra) for message, extra in expected.items()}
     missing = start_script(*common, "--draft-model-dir", str(tmp_path / "nowhere"))
