@@ -10,6 +10,8 @@ Edit the globals below and run it, or override them with flags:
     python run_inference.py --prompt "The capital of France is" --no-chat --show-top 5
     python run_inference.py --decoding sample --temperature 0.7 --top-p 0.9 --seed 1
     python run_inference.py --decoding beam --beam-width 4 --length-penalty 1.0
+    python run_inference.py --decoding speculative --draft prompt-lookup --prompt-file text.txt
+    python run_inference.py --decoding speculative --draft-model-dir DIR --draft-quantize int4
     python run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --no-chat --dtype float32
     python run_inference.py --model-dir ~/.llama/checkpoints/Llama3.1-8B --no-chat --max-memory 4GB
     python run_inference.py --chat --system "Answer in one word." --prompt "Capital of Peru?"
@@ -19,6 +21,7 @@ import argparse
 import codecs
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Union
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 import llama_models
 import llama_models.packed
 import llama_models.quantize
+import speculative
 from llama_models import cli
 
 try:
@@ -70,6 +74,8 @@ THREADS = max(1, torch.get_num_threads() - 1)
 
 # --- how to choose each token ---
 DECODING = "greedy"  # "greedy": the most likely token; "sample": draw one; "beam": beam search
+# "speculative": greedy's text, "speculative-sample": sampling's distribution, each checking up to
+# DRAFT_TOKENS proposed tokens per forward pass of the model (speculative.py explains how).
 # Sampling: logits / TEMPERATURE (below 1 sharpens the distribution, above 1 flattens it; 0 is
 # greedy), then keep the TOP_K most likely tokens (0: all), then the fewest most likely ones whose
 # probabilities add up to TOP_P (1.0: all), then draw. SEED makes the draw repeatable.
@@ -87,6 +93,13 @@ LENGTH_PENALTY = 1.0
 # running beam, were it to finish now, would not beat the worst finished text; "never", when it
 # could not even at MAX_NEW_TOKENS. (transformers' generate(early_stopping=...) semantics.)
 EARLY_STOPPING = False
+# Speculative decoding: who proposes. "model": DRAFT_MODEL_DIR, a smaller model with the same
+# tokenizer (Llama 3.2 1B for 3.1 8B; or the model's own folder with DRAFT_QUANTIZE), kept in
+# memory; "prompt-lookup": no model, the continuation of an earlier occurrence of the last tokens.
+DRAFT = "model"
+DRAFT_MODEL_DIR = None
+DRAFT_QUANTIZE = None  # "int8" or "int4": the draft's linear layers, as QUANTIZE does the model's
+DRAFT_TOKENS = 4  # k, the most tokens proposed per pass: larger pays when most guesses pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +389,18 @@ def show_top_tokens(tokenizer, n: int):
     return on_step
 
 
+def show_passes(tokenizer):
+    """An on_pass for speculative decoding: each pass's guesses, kept ones first, and how many passed."""
+    def on_pass(guesses, kept):
+        if not guesses:
+            print("pass: no guesses (a plain step)", flush=True)
+            return
+        shown = [token_text(tokenizer, t) for t in guesses]
+        rejected = f"  rejected {' '.join(shown[kept:])}" if kept < len(guesses) else ""
+        print(f"pass: {kept}/{len(guesses)} guesses accepted  {' '.join(shown[:kept]) or '-'}{rejected}", flush=True)
+    return on_pass
+
+
 def stream_text(tokenizer, tokens: Iterator[int], stop_tokens, write) -> list[int]:
     """Consume `tokens`, calling write(text) as soon as each character is complete; return them.
 
@@ -403,9 +428,14 @@ class Stats:
         self.load_s, self.n_prompt, self.rows, self.compiled = load_s, n_prompt, rows, compiled
         self.start = time.perf_counter()
         self.times = []  # when each new token (beam search: each step) was ready
+        self.passes = self.proposed = self.kept = 0  # speculative decoding: verification passes, guesses
 
     def step(self):
         self.times.append(time.perf_counter())
+
+    def verified(self, proposed: int, kept: int):
+        """Speculative decoding: one verification pass checked `proposed` guesses and kept `kept`."""
+        self.passes, self.proposed, self.kept = self.passes + 1, self.proposed + proposed, self.kept + kept
 
     def report(self, device) -> str:
         lines = [f"load: {self.load_s:.2f} s", f"prompt: {self.n_prompt} tokens"]
@@ -421,6 +451,13 @@ class Stats:
             lines.append(f"decode: {steps * self.rows / decode:.1f} tok/s"
                          f" ({steps * self.rows} tokens{per_row} in {decode:.3f} s, after the first"
                          f"{' two' if self.compiled else ''})")
+        if self.passes:
+            # Every token after the first came from a verification pass: the tokens each pass
+            # yields are what one read of the weights buys (plain decoding: exactly 1).
+            rate = f" ({self.kept / self.proposed:.0%})" if self.proposed else ""
+            lines.append(f"speculative: {self.kept} of {self.proposed} proposed tokens accepted{rate}, "
+                         f"{(len(self.times) - 1) / self.passes:.2f} tokens per model pass "
+                         f"({len(self.times) - 1} tokens in {self.passes} passes, after the first)")
         if device.type == "cpu":
             lines.append(f"threads: {torch.get_num_threads()}")
         lines.append(f"peak memory: {peak_memory(device)}")
@@ -460,7 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
         help="torch.compile the decode step (the first step compiles)")
     add("--threads", type=int, default=THREADS, help="CPU threads")
-    add("--decoding", choices=["greedy", "sample", "beam"], default=DECODING, help="how to pick tokens")
+    add("--decoding", choices=["greedy", "sample", "beam", "speculative", "speculative-sample"], default=DECODING,
+        help="how to pick tokens")
     add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")
     add("--top-k", type=int, default=TOP_K, help="sample: keep the k most likely tokens; 0 = all")
     add("--top-p", type=float, default=TOP_P, help="sample: keep the most likely tokens up to this mass, in (0, 1]")
@@ -469,6 +507,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--length-penalty", type=float, default=LENGTH_PENALTY, help="beam: score = logprob / length**this")
     add("--early-stopping", choices=["true", "false", "never"], default=str(EARLY_STOPPING).lower(),
         help="beam: when to stop searching (see EARLY_STOPPING)")
+    add("--draft", choices=["model", "prompt-lookup"], default=DRAFT,
+        help="speculative: who proposes tokens: --draft-model-dir, or n-grams of the text itself")
+    add("--draft-model-dir", type=Path, default=DRAFT_MODEL_DIR,
+        help="speculative: a smaller checkpoint with the same tokenizer, to propose tokens")
+    add("--draft-quantize", choices=["int8", "int4"], default=DRAFT_QUANTIZE,
+        help="speculative: weight-only int8 or int4 (CPU) linear layers for the draft model")
+    add("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+        help="speculative: the most tokens proposed per pass of the model")
     add("--show-top", type=int, default=0, metavar="N",
         help="print each step: the chosen token and the N most likely (beam: the N best candidates)")
     args = parser.parse_args(argv)
@@ -489,7 +535,17 @@ def check_args(args) -> None:
         (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.show_top >= 0, f"--show-top must be 0 (off) or more, got {args.show_top}"),
         (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
+        (args.draft_tokens >= 1, f"--draft-tokens must be at least 1, got {args.draft_tokens}"),
     ]
+    if args.decoding.startswith("speculative"):
+        rules += [
+            (args.draft == "prompt-lookup" or args.draft_model_dir is not None,
+             f"--decoding {args.decoding} needs a proposer: --draft-model-dir DIR or --draft prompt-lookup"),
+            (args.draft == "model" or (args.draft_model_dir is None and args.draft_quantize is None),
+             "--draft prompt-lookup uses no draft model: drop --draft-model-dir and --draft-quantize"),
+            (not args.compile, f"--compile does not apply to --decoding {args.decoding}: "
+                               f"its passes take k + 1 tokens, not the one of a compiled step"),
+        ]
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
@@ -503,11 +559,20 @@ def main(argv=None):
         args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
         torch.set_num_threads(args.threads)
         device = llama_models.resolve_device(args.device)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
         start = time.perf_counter()
+        draft = None
+        if args.decoding.startswith("speculative") and args.draft == "model":
+            # The draft first, so that a --max-memory budget for the model counts the draft's memory.
+            with cli.user_errors(args.draft_model_dir, args.draft_model_dir.name):
+                draft, _ = llama_models.load(args.draft_model_dir, device=device, dtype=dtype,
+                                             max_seq_len=args.max_seq_len, quantize=args.draft_quantize)
         model, tokenizer = llama_models.load(
-            args.model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+            args.model_dir, device=device, dtype=dtype,
             max_seq_len=args.max_seq_len, max_batch_size=args.beam_width if args.decoding == "beam" else 1,
             quantize=args.quantize, max_memory=args.max_memory)
+        if draft is not None:
+            speculative.check_same_vocabulary(args.model_dir, args.draft_model_dir, model, draft)
         load_s = time.perf_counter() - start
         if args.compile:
             model.compile_decode_step()  # compiles lazily, at the first decode step
@@ -520,6 +585,8 @@ def main(argv=None):
     llama_models.print_on_first_process_only()
     print(f"loaded {args.model_dir} in {load_s:.1f} s", file=sys.stderr)
     print(model_summary(model), file=sys.stderr)
+    if draft is not None:
+        print(f"draft {args.draft_model_dir}: {model_summary(draft)}", file=sys.stderr)
     if args.max_memory:
         print(model.block_streamer or f"max_memory {args.max_memory} holds the whole model: nothing is streamed",
               file=sys.stderr)
@@ -527,9 +594,16 @@ def main(argv=None):
     if max_new_tokens < args.max_new_tokens:
         print(f"note: at most {max_new_tokens} new tokens fit in --max-seq-len {args.max_seq_len}", file=sys.stderr)
     mode = "chat" if args.chat else "completion"
-    print(f"{mode}, {args.decoding} decoding, prompt of {len(prompt_tokens)} tokens\n", file=sys.stderr)
+    how = f" ({args.draft}, up to {args.draft_tokens} per pass)" if args.decoding.startswith("speculative") else ""
+    print(f"{mode}, {args.decoding} decoding{how}, prompt of {len(prompt_tokens)} tokens\n", file=sys.stderr)
 
-    run = run_beam_search if args.decoding == "beam" else run_streaming
+    if args.decoding == "beam":
+        run = run_beam_search
+    elif args.decoding.startswith("speculative"):
+        proposer = speculative.DraftModel(draft) if draft is not None else speculative.PromptLookup()
+        run = partial(run_streaming, proposer=proposer)
+    else:
+        run = run_streaming
     stats = Stats(load_s, len(prompt_tokens), rows=args.beam_width if args.decoding == "beam" else 1,
                   compiled=args.compile)
     interrupted = False
@@ -545,18 +619,32 @@ def main(argv=None):
         sys.exit(130)  # the shell's code for "ended by Ctrl-C"
 
 
-def run_streaming(model, tokenizer, prompt_tokens, max_new_tokens, args, stats):
-    """Greedy or sampling, printing text as it comes (or, with --show-top, a line per step)."""
+def run_streaming(model, tokenizer, prompt_tokens, max_new_tokens, args, stats, proposer=None):
+    """Greedy, sampling or speculative, printing text as it comes (or, with --show-top, a line per
+    step; speculative: and one per pass, with its guesses)."""
     stop = tokenizer.stop_tokens
     show = show_top_tokens(tokenizer, args.show_top) if args.show_top else None
+    show_pass = show_passes(tokenizer) if args.show_top else None
 
     def on_step(logits, token):
         stats.step()
         if show:
             show(logits, token)
 
+    def on_pass(guesses, kept):
+        stats.verified(len(guesses), kept)
+        if show_pass:
+            show_pass(guesses, kept)
+
     if args.decoding == "greedy":
         tokens = greedy(model, prompt_tokens, max_new_tokens=max_new_tokens, stop_tokens=stop, on_step=on_step)
+    elif args.decoding.startswith("speculative"):
+        sampled = args.decoding == "speculative-sample" and args.temperature > 0  # temperature 0: greedy
+        distribution = partial(sampling_distribution, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p) if sampled else None
+        tokens = speculative.speculative(model, proposer, prompt_tokens, max_new_tokens=max_new_tokens,
+                                         stop_tokens=stop, draft_tokens=args.draft_tokens,
+                                         distribution=distribution, seed=args.seed, on_step=on_step, on_pass=on_pass)
     else:
         tokens = sample(model, prompt_tokens, max_new_tokens=max_new_tokens, stop_tokens=stop,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
