@@ -203,3 +203,11 @@ def test_conversion_streams_the_weights(tmp_path):
                                 cwd=REPO, capture_output=True, text=True, check=True).stdout)
     weights = (tmp_path / "ckpt" / "consolidated.00.pth").stat().st_size
     assert weights > 45e6 and growth < 10e6, (weights, growth)
+
+
+@pytest.mark.parametrize("dim, hidden, multiple_of, multiplier", [
+    (2048, 8192, 256, 1.5), (3072, 8192, 256, 1.0), (4096, 14336, 1024, 1.3), (8192, 28672, 4096, 1.3),
+    (16384, 53248, 4096, 1.2)])
+def test_llama3_shapes_get_metas_own_ffn_params(dim, hidden, multiple_of, multiplier):
+    """Llama 3.2 1B, 3B, 3.1 8B, 70B, 405B: the values in Meta's params.json files."""
+    assert swiglu_params(dim, hidden) == {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}

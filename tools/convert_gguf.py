@@ -63,9 +63,10 @@ LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 # Llama 3.1/3.2's RoPE scaling, as llama.cpp's converter stores it: per pair of head dimensions,
 # the divisor of its base frequency. Read into params.json, not copied into the checkpoint.
 ROPE_FREQS = "rope_freqs.weight"
-# Meta's (multiple_of, ffn_dim_multiplier) for Llama 3.x (8B, 70B, 405B, 3.2 1B, 3.2 3B). When one
-# reproduces the file's feed-forward width, params.json gets Meta's own numbers.
-META_FFN_PARAMS = [(1024, 1.3), (4096, 1.3), (4096, 1.2), (256, 1.5), (256, 1.0)]
+# Meta's (multiple_of, ffn_dim_multiplier) for Llama 3.x: 3.2 1B, 3.2 3B, 70B, 8B, 405B. When one
+# reproduces the file's feed-forward width, params.json gets Meta's own numbers. Several pairs can
+# give one width (for 1B's, 4096 and 1.3 too); in this order, each model's own comes first.
+META_FFN_PARAMS = [(256, 1.5), (256, 1.0), (4096, 1.3), (1024, 1.3), (4096, 1.2)]
 # Rows dequantized at a time: float32 temporaries of about this many bytes, whatever the model.
 CHUNK_BYTES = 32 << 20
 
@@ -203,7 +204,7 @@ def read_params(reader: gguf.GGUFReader) -> dict:
 
 def _can_dequantize(tensor: gguf.ReaderTensor) -> bool:
     try:  # on one block: the gguf package raises NotImplementedError for a type it cannot read
-        block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        _, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
         dequantize(numpy.zeros((1, type_size), numpy.uint8), tensor.tensor_type)
     except (KeyError, NotImplementedError):
         return False
@@ -238,13 +239,15 @@ def read_tensor_names(reader: gguf.GGUFReader, n_layers: int) -> dict[str, gguf.
 
 
 def write_state_dict(gguf_path: Path, tensors: dict[str, gguf.ReaderTensor], path: Path,
-                     progress: Callable[[int, int, int], None]) -> None:
+                     progress: Optional[Callable[[int, int, int], None]]) -> None:
     """Dequantize the GGUF's tensors into consolidated.00.pth (bfloat16), a few rows at a time.
 
-    The whole model never is in memory. torch.save first lays out the file around empty tensors
+    The whole model is never in memory. torch.save first lays out the file around empty tensors
     (skip_data: their bytes are reserved, not written, and torch.empty never touches its memory,
     so they cost none); the file is then mapped with writes going to it (MAP_SHARED), each chunk
-    of rows dequantized from the GGUF into its place, and its pages handed back to the OS.
+    of rows dequantized from the GGUF into its place, and its pages handed back to the OS. (The
+    zip entries' CRC-32 fields describe the reserved zeros, not the weights; torch.load does not
+    check them.)
 
     progress(tensors done, of how many, bytes written) is called after each tensor.
     """
@@ -277,7 +280,8 @@ def write_state_dict(gguf_path: Path, tensors: dict[str, gguf.ReaderTensor], pat
                 chunk.copy_(torch.from_numpy(values.reshape(chunk.shape)))  # float32 -> bfloat16
                 release_pages(chunk)  # now in the page cache, on its way to disk
             written += rows.numel() * rows.element_size()
-            progress(done, len(tensors), written)
+            if progress:
+                progress(done, len(tensors), written)
     del mapped  # unmapped: the file is complete
 
 
@@ -343,7 +347,7 @@ def _gpt2_bytes_to_unicode() -> dict[int, str]:
 
 
 def convert(source: Union[str, Path], out_dir: Union[str, Path],
-            progress: Callable[[int, int, int], None] = lambda done, total, written: None) -> Path:
+            progress: Optional[Callable[[int, int, int], None]] = None) -> Path:
     """Write the Meta-format checkpoint of a GGUF Llama model into out_dir (which must not exist).
 
     Args:
@@ -361,8 +365,8 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path],
     if out_dir.exists():
         raise ConversionError(f"{out_dir} already exists; remove it to convert again")
     try:
-        gguf_path = ollama.find_model(source[len(ollama.PREFIX):]) if str(source).startswith(ollama.PREFIX) \
-            else Path(source)
+        is_ollama = str(source).startswith(ollama.PREFIX)
+        gguf_path = ollama.find_model(str(source)[len(ollama.PREFIX):]) if is_ollama else Path(source)
     except ollama.OllamaError as e:
         raise ConversionError(str(e)) from None
     if not gguf_path.is_file():
@@ -372,6 +376,9 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path],
         params = read_params(reader)
         tensors = read_tensor_names(reader, params["n_layers"])
         vocabulary, tokenizer_config = read_tokenizer(reader)
+        # The parsed metadata (Llama 3's 128256 tokens and 280147 merges, as numpy objects) takes
+        # ~500 MB: let it go before the minutes of writing.
+        del reader
     except ConversionError as e:
         raise ConversionError(f"{source}: {e}") from None
     # What GGUFReader raises on a file that is not GGUF ("GGUF magic invalid") or is cut short
@@ -414,7 +421,7 @@ def main():
     opts = parser.parse_args()
     try:
         # The bar only on a terminal: in a log, the redrawn line would be a wall of text.
-        out = convert(opts.source, opts.out_dir, print_progress if sys.stderr.isatty() else lambda *_: None)
+        out = convert(opts.source, opts.out_dir, print_progress if sys.stderr.isatty() else None)
     except ConversionError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
