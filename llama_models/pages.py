@@ -38,7 +38,9 @@ def release_pages(tensor: torch.Tensor, evict: Optional[tuple[str, int]] = None)
     Once its contents are no longer needed (say, after quantizing it) the pages are still mapped
     and count against the process until the whole file is unmapped. madvise(MADV_DONTNEED)
     gives them back now; if touched again they are simply re-read from the file. Only for
-    tensors that come from a read-only file mapping; a no-op where madvise does not exist.
+    tensors that come from a file mapping: a read-only one, or a shared one written through
+    (tools/convert_gguf.py), whose written pages stay in the page cache on their way to the
+    file. A no-op where madvise does not exist.
 
     evict: (path, offset of the tensor in that file), from mapped_file(tensor.data_ptr()): also
     drop the pages from the OS page cache (Linux). Unmapped file pages otherwise stay cached, out

@@ -1,19 +1,21 @@
-"""Write a Meta-format checkpoint as a GGUF file for llama.cpp, at F32, BF16, Q8_0 or Q4_1.
+"""Write a Meta-format checkpoint as a GGUF file for llama.cpp: F32, F16, BF16, Q8_0, Q4_0, Q4_1, ...
 
     python tools/write_gguf.py META_DIR OUT.gguf --type Q8_0
     python tools/write_gguf.py SmolLM2-dir smollm2-f32.gguf --type F32 --vocab-from SmolLM2.Q4_1.gguf
 
 The benchmarks compare our model with llama.cpp on the *same weights*, so the GGUF is made from
 our checkpoint rather than downloaded. The tokenizer metadata is copied from another GGUF file
-(--vocab-from; e.g. SmolLM2's own), or else built from a Llama 3 tokenizer.model. Either way the
-benchmarks feed token ids, never text, so only the vocabulary's size and special tokens matter.
+(--vocab-from; e.g. SmolLM2's own), or else built from a Llama 3 tokenizer.model, laid out as
+llama.cpp's converter does for Llama 3 (llama-bpe, GPT-2-style token strings and merges).
 
 q and k stay in Meta's rotary layout, which is llama.cpp's too (its converter undoes Hugging
-Face's permutation). Norms are always F32, as in llama.cpp's own files.
+Face's permutation). Norms are always F32, as in llama.cpp's own files; Llama 3.1+ RoPE scaling
+goes into rope_freqs.weight, and a tied output head (Llama 3.2 1B/3B) is not written, as there.
+The K-quants (Q4_K, Q6_K, ...) are llama.cpp's own (llama-quantize); the gguf package cannot
+make them.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,15 +27,14 @@ from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_models.args import ModelArgs  # noqa: E402
-from llama_models.model import rope_frequencies  # noqa: E402
-from llama_models.tokenizer import Tokenizer  # noqa: E402
-from tools.convert_gguf import (CONTROL_TOKEN, GLOBAL_TENSORS, LAYER_TENSORS, NORMAL_TOKEN,  # noqa: E402
-                                _gpt2_bytes_to_unicode)
+from llama_models.tokenizer import Tokenizer, read_vocabulary  # noqa: E402
+from tools.convert_gguf import (CONTROL_TOKEN, GLOBAL_TENSORS, LAYER_TENSORS, NORMAL_TOKEN, ROPE_FREQS,  # noqa: E402
+                                _gpt2_bytes_to_unicode, rope_freq_factors)
 
-TYPES = {"F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-         "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-         "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-         "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
+# The types the gguf package can quantize to, with the file type llama.cpp records for each.
+TYPES = {name: (gguf.GGMLQuantizationType[name], gguf.LlamaFileType[file_type]) for name, file_type in [
+    ("F32", "ALL_F32"), ("F16", "MOSTLY_F16"), ("BF16", "MOSTLY_BF16"), ("Q8_0", "MOSTLY_Q8_0"),
+    ("Q4_0", "MOSTLY_Q4_0"), ("Q4_1", "MOSTLY_Q4_1"), ("Q5_0", "MOSTLY_Q5_0"), ("Q5_1", "MOSTLY_Q5_1")]}
 # Meta's tensor names -> llama.cpp's: the inverse of the converter's tables.
 META_TO_GGUF = {meta: name for name, meta in GLOBAL_TENSORS.items()}
 META_LAYER_TO_GGUF = {meta: name for name, meta in LAYER_TENSORS.items()}
@@ -61,16 +62,6 @@ def add_params(writer: gguf.GGUFWriter, args: ModelArgs) -> None:
     writer.add_vocab_size(args.vocab_size)
 
 
-def rope_freq_factors(args: ModelArgs) -> numpy.ndarray:
-    """llama.cpp's rope_freqs tensor: how much slower each pair rotates under Llama 3.1's scaling.
-
-    llama.cpp divides each base frequency by this factor, which is how its own converter
-    expresses Llama 3.1/3.2 RoPE scaling (there is no metadata key for it).
-    """
-    plain = rope_frequencies(dataclasses.replace(args, use_scaled_rope=False))
-    return (plain / rope_frequencies(args)).numpy()
-
-
 def copy_vocab(writer: gguf.GGUFWriter, path: Path) -> None:
     """Every tokenizer.* key of another GGUF file, unchanged."""
     for key, field in gguf.GGUFReader(path).fields.items():
@@ -80,30 +71,40 @@ def copy_vocab(writer: gguf.GGUFWriter, path: Path) -> None:
             writer.add_key_value(key, field.contents(), vtype, sub_type)
 
 
-def llama3_vocab(writer: gguf.GGUFWriter, path: Path) -> None:
-    """A GPT-2-style vocabulary built from a Llama 3 tokenizer.model.
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges list of a tiktoken vocabulary, as Hugging Face's converter derives it for Llama 3.
 
-    GGUF spells each token's bytes with GPT-2's printable stand-ins (b" " as "Ġ"), as in
-    llama.cpp's Llama 3 files. llama.cpp insists on a merges list; one merge is enough since no
-    text is ever tokenized here.
+    tiktoken needs only ranks (merge the adjacent pair whose result ranks lowest); GGUF readers
+    (llama.cpp, transformers) want the pairs. Every split of a token into two tokens is a merge,
+    ordered by the merged token's rank, then by the parts' ranks.
     """
-    tokenizer = Tokenizer(path)
-    special = set(tokenizer.special_tokens.values())
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, ranks[left], ranks[right], left, right) for left, right in splits]
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def llama3_vocab(writer: gguf.GGUFWriter, path: Path) -> None:
+    """A GPT-2-style vocabulary built from a Llama 3 tokenizer.model, as in llama.cpp's files.
+
+    GGUF spells each token's bytes with GPT-2's printable stand-ins (b" " as "Ġ"), merges as
+    "left right" in those characters; the 256 special tokens are control tokens.
+    """
+    tokenizer, ranks = Tokenizer(path), read_vocabulary(path)
     byte_to_char = _gpt2_bytes_to_unicode()
-    tokens, types = [], []
-    for token_id in range(tokenizer.n_words):
-        if token_id in special:
-            tokens.append(tokenizer.decode([token_id]))
-            types.append(CONTROL_TOKEN)
-        else:
-            data = tokenizer.model.decode_single_token_bytes(token_id)
-            tokens.append("".join(byte_to_char[b] for b in data))
-            types.append(NORMAL_TOKEN)
+
+    def spell(data: bytes) -> str:
+        return "".join(byte_to_char[b] for b in data)
+
+    by_id = {rank: spell(data) for data, rank in ranks.items()}
+    by_id.update({token_id: text for text, token_id in tokenizer.special_tokens.items()})
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(["Ġ Ġ"])
+    writer.add_token_list([by_id[i] for i in range(tokenizer.n_words)])
+    writer.add_token_types([NORMAL_TOKEN if i < len(ranks) else CONTROL_TOKEN for i in range(tokenizer.n_words)])
+    writer.add_token_merges([f"{spell(left)} {spell(right)}" for left, right in bpe_merges(ranks)])
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
 
@@ -124,7 +125,11 @@ def write_gguf(model_dir: Path, out: Path, type_name: str, vocab_from: Path = No
     else:
         llama3_vocab(writer, model_dir / "tokenizer.model")
     if args.use_scaled_rope:
-        writer.add_tensor("rope_freqs.weight", rope_freq_factors(args))
+        writer.add_tensor(ROPE_FREQS, rope_freq_factors(args))
+    # A tied head (Llama 3.2 1B/3B: the output matrix is the embedding matrix) is stored once.
+    # Meta's file may hold it as one tensor under two names or as two equal copies.
+    if torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"]):
+        del state_dict["output.weight"]
     for name, tensor in state_dict.items():
         data = tensor.float().numpy()
         tensor_type = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
