@@ -129,7 +129,9 @@ def test_greedy_speculative_equals_plain_greedy_with_the_model_streamed(tmp_path
     """--max-memory: the model's blocks read from disk in each pass, the draft in memory."""
     from test_offload import load_streamed  # a budget that streams: the too-small error's figure + ~1.5 blocks
 
-    params = tiny_params(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, multiple_of=256)
+    # Blocks of ~12 MB: the budget (what two blocks need + 10 MB) then stays far below the whole
+    # model (8 blocks) however the process's own memory moved since earlier tests.
+    params = tiny_params(dim=512, n_layers=8, n_heads=4, n_kv_heads=2, multiple_of=256)
     # float32 in the file (streaming reads the file's dtype), so rounding cannot break a tie.
     model_dir = sharpened(make_checkpoint(tmp_path / "model", params, seed=4), dtype=torch.float32)
     draft_dir = sharpened(make_checkpoint(tmp_path / "draft", dict(params, n_layers=1), seed=4))
