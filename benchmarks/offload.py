@@ -21,7 +21,6 @@ import datetime
 import json
 import mmap
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
 from llama_models.pages import mapped_file, release_pages  # noqa: E402
 from llama_models.offload import BlockStreamer, huge_page_buffer, parse_memory, streamed_tensors  # noqa: E402
+import machine  # noqa: E402  (beside this script)
 from run import KEEP_MARKER  # noqa: E402  (benchmarks/run.py, beside this script)
 
 CHUNK = 64 << 20
@@ -155,8 +155,6 @@ def report(opts, load_average, bandwidths, prepare, stream, naive) -> str:
     size = sum(path.stat().st_size for path in files)
     bandwidth = max(bandwidths.values())
     limit = size / bandwidth
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     prefill, decode = stream["passes"][0], stream["passes"][1:]
     decode_s = sorted(p[1] for p in decode)[len(decode) // 2]  # the median pass
     budget = parse_memory(opts.max_memory)
@@ -165,7 +163,7 @@ def report(opts, load_average, bandwidths, prepare, stream, naive) -> str:
         + (f", --quantize {opts.quantize}" if opts.quantize else ""),
         "",
         f"`{' '.join(['python', *sys.argv])}`  ",
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, nproc {os.cpu_count()}, {cpu}, "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine.describe()}, "
         f"load average before the run {load_average:.1f}, torch {torch.__version__}",
         "",
         "| measure | value |",

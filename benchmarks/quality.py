@@ -24,7 +24,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
+import machine  # noqa: E402  (beside this script)
 
 THREADS = len(os.sched_getaffinity(0))
 OURS = {"ours fp32": ("float32", None), "ours bf16": ("bfloat16", None), "ours int8": ("bfloat16", "int8"),
@@ -113,10 +113,8 @@ def main():
         print(f"window {n}/{len(windows)}: " + ", ".join(
             f"{name} ppl {math.exp(t['nll'] / scored):.3f}" for name, t in totals.items()), file=sys.stderr)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     lines = [f"## Quality: {opts.model_dir.name}", "",
-             f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores. {scored} scored positions: the second halves "
+             f"{datetime.date.today()}, {machine.describe()}. {scored} scored positions: the second halves "
              f"of {len(windows)} windows of {opts.ctx} tokens of Python's documentation (pydoc_data/topics.py). "
              f"KL divergence and top-1 agreement against ours fp32. Command: `python benchmarks/quality.py "
              f"{opts.model_dir} --tokens {opts.tokens} --ctx {opts.ctx}{' --llama-cpp' if opts.llama_cpp else ''}`",

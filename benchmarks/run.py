@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import machine  # noqa: E402  (beside this script)
 from contenders import CONTENDERS, THREADS  # noqa: E402  (beside this script)
 from llama_models import Tokenizer  # noqa: E402
 
@@ -147,13 +148,6 @@ def ratios(results: dict) -> list[str]:
     return lines
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 new tokens, 1 timed run")
@@ -195,7 +189,7 @@ def main():
         "# Benchmark results", "",
         f"- command: `{' '.join([Path(sys.executable).name] + sys.argv)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: `nproc` = {THREADS}, {cpu_model()}, {ram_gib:.0f} GiB RAM; load average (1 min) "
+        f"- machine: {machine.describe()}, {ram_gib:.0f} GiB RAM; load average (1 min) "
         f"{load_before:.2f} at the start, {load_after:.2f} at the end",
         f"- software: torch {torch.__version__}, transformers {version('transformers')}, "
         f"llama-cpp-python {version('llama_cpp_python')}, Python {platform.python_version()}",

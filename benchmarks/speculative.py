@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+import machine  # beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -120,13 +122,6 @@ def step_costs(model_dir: Path, k: int, threads: int, dtype: str, repeats: int =
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
@@ -175,7 +170,7 @@ def main():
         f"Command: `python benchmarks/speculative.py {opts.model_dir} --repeats {opts.repeats} "
         f"--max-new-tokens {opts.max_new_tokens} --draft-tokens {k} --threads {opts.threads}`",
         "",
-        f"Machine: {os.cpu_count()} cores (`nproc`), {cpu_model()}, {platform.system()} {platform.release()}, "
+        f"Machine: {machine.describe()}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}. Date: {started:%Y-%m-%d %H:%M}, "
         f"{(datetime.datetime.now() - started).seconds // 60} min. "
         f"Load average before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "

@@ -15,12 +15,13 @@ import argparse
 import datetime
 import itertools
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import machine  # beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = ["unset", "PASSIVE", "ACTIVE"]
@@ -69,11 +70,9 @@ def main():
             for hog in hogs:
                 hog.kill()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     lines = [f"## Threads and OpenMP wait policy: {opts.model_dir.name}{', ' + opts.quantize if opts.quantize else ''}",
              "",
-             f"{datetime.date.today()}, {cpu}, {cores} cores; busy = {opts.busy} competing CPU-bound process(es); "
+             f"{datetime.date.today()}, {machine.describe()}; busy = {opts.busy} competing CPU-bound process(es); "
              f"medians of {opts.repeats} alternated runs of {opts.max_new_tokens} new tokens. Command: "
              f"`python benchmarks/threads.py {opts.model_dir.name} --repeats {opts.repeats}"
              f"{' --quantize ' + opts.quantize if opts.quantize else ''}`",
