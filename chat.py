@@ -269,18 +269,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--model-dir", type=Path, default=LLAMA_MODELS_DIR / MODEL_NAME,
         help="checkpoint directory of an Instruct model (params.json, consolidated.00.pth, tokenizer.model)")
     add("--system", default=SYSTEM_PROMPT, help="system prompt")
-    add("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], default=DTYPE,
-        help="weights and KV cache dtype (default: bfloat16 on CPU)")
-    add("--quantize", choices=["int8", "int4"], default=QUANTIZE,
-        help="weight-only int8 or int4 (CPU) linear layers (one process only)")
-    add("--max-memory", default=MAX_MEMORY,
-        help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
-    add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
-        help="torch.compile the decode step (the first step compiles)")
+    cli.add_model_flags(parser, DEVICE, DTYPE, THREADS)
+    cli.add_memory_flags(parser, QUANTIZE, MAX_MEMORY, COMPILE)
     add("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="KV cache length: the conversation and a reply")
     add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="the longest reply")
-    add("--threads", type=int, default=THREADS, help="CPU threads")
     add("--decoding", choices=["greedy", "sample"], default=DECODING, help="how to pick tokens")
     add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")
     add("--top-k", type=int, default=TOP_K, help="sample: keep the k most likely tokens; 0 = all")

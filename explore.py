@@ -375,11 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--prompt-file", help="read the prompt from this file instead; - reads standard input")
     add("--chat", action=argparse.BooleanOptionalAction, default=CHAT, help="wrap the prompt in the chat template")
     add("--system", default=SYSTEM_PROMPT, help="system prompt, chat mode only")
-    add("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], default=DTYPE,
-        help="weights and activations dtype (default: bfloat16 on CPU)")
+    cli.add_model_flags(parser, DEVICE, DTYPE, THREADS)
     add("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="the longest prompt (KV cache length)")
-    add("--threads", type=int, default=THREADS, help="CPU threads")
     add("--sections", default=SECTIONS, help="what to print: tokens, lens, attention (comma-separated)")
     add("--position", type=int, default=POSITION, help="the position the lens and attention look from; -1: the last")
     add("--layers", default=LAYERS, help="blocks the attention section shows: all, none, or e.g. 0,5,-1")

@@ -487,16 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--system", default=SYSTEM_PROMPT, help="system prompt, chat mode only")
     add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="most tokens to generate")
     add("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="KV cache length: prompt + new tokens")
-    add("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], default=DTYPE,
-        help="weights and KV cache dtype (default: bfloat16 on CPU)")
-    add("--quantize", choices=["int8", "int4"], default=QUANTIZE,
-        help="weight-only int8 or int4 (CPU) linear layers (one process only)")
-    add("--max-memory", default=MAX_MEMORY,
-        help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
-    add("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
-        help="torch.compile the decode step (the first step compiles)")
-    add("--threads", type=int, default=THREADS, help="CPU threads")
+    cli.add_model_flags(parser, DEVICE, DTYPE, THREADS)
+    cli.add_memory_flags(parser, QUANTIZE, MAX_MEMORY, COMPILE)
     add("--decoding", choices=["greedy", "sample", "beam", "speculative", "speculative-sample"], default=DECODING,
         help="how to pick tokens")
     add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")

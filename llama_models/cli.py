@@ -19,6 +19,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help keeps the module docstring's line breaks and shows every flag's default."""
 
 
+def add_model_flags(parser: argparse.ArgumentParser, device: str, dtype, threads: int) -> None:
+    """--device, --dtype and --threads: where the model runs and in which precision.
+
+    The defaults are the script's globals (DEVICE, DTYPE, THREADS), whose comments explain them.
+    """
+    parser.add_argument("--device", default=device, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=dtype,
+                        help="weights, activations and KV cache dtype (default: bfloat16 on CPU)")
+    parser.add_argument("--threads", type=int, default=threads, help="CPU threads")
+
+
+def add_memory_flags(parser: argparse.ArgumentParser, quantize, max_memory, compile: bool) -> None:
+    """--quantize, --max-memory and --compile: how the weights are stored, held and run.
+
+    The defaults are the script's globals (QUANTIZE, MAX_MEMORY, COMPILE).
+    """
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=quantize,
+                        help="weight-only int8 or int4 (CPU) linear layers (one process only)")
+    parser.add_argument("--max-memory", default=max_memory,
+                        help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile,
+                        help="torch.compile the decode step (the first step compiles)")
+
+
 def read_prompt(prompt: str, prompt_file) -> str:
     """The prompt: `prompt`, or the text of prompt_file ("-" reads standard input to its end).
 
