@@ -23,7 +23,7 @@ def cpu_features() -> str:
 
 
 def describe() -> str:
-    """E.g. 'AMD EPYC 9B14, 2 cores (`nproc`), AVX2'."""
+    """E.g. 'AMD EPYC, 2 cores (`nproc`), AVX2' (this project's machine on 2026-12-03)."""
     return f"{cpu_model()}, {os.cpu_count()} cores (`nproc`), {cpu_features()}"
 
 
