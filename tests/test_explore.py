@@ -188,8 +188,9 @@ def test_smollm2_inside_equals_transformers_eager(smollm2_dir, smollm2_fp32):
     assert rec.attention.shape == (30, 9, len(tokens), len(tokens))
     # 30 blocks in float32, summed in different orders. Entries reach 500, and at the first
     # position 25,000 (SmolLM2's "massive activation"), so hidden states are compared relative to
-    # each state's largest entry; 1e-5 of it is ~2**7 float32 roundings of it.
-    assert_same_inside(model, rec, hf_hidden, hf_attention, 1e-5, relative=True)
+    # each state's largest entry; 2e-5 of it is ~2**8 float32 roundings of it. (Measured: 1.2e-5
+    # where the weights are packed for oneDNN, AVX512, which sums in its own order; less unpacked.)
+    assert_same_inside(model, rec, hf_hidden, hf_attention, 2e-5, relative=True)
     lens = explore.logit_lens(model, rec.hidden[:, -1])  # (31, V)
     assert (lens[-1] - hf_logits[-1].softmax(-1)).abs().max() <= 1e-5
     # The attention sink: in most blocks, averaged over heads, the last position reads the first
