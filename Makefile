@@ -48,7 +48,7 @@ $(SMOLLM2_GGUF): | $(VENV)/.runtime
 	mv $@.tmp $@
 
 test: $(VENV)/.dev $(META_REF)/.ok $(SMOLLM2_GGUF)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 # The converter renames a finished temporary directory into place, so the directory exists only
 # when complete; make converts once and, seeing it exists, never again.
