@@ -38,6 +38,7 @@ from llama_models.quantize import Int8Linear  # noqa: E402
 
 SHAPES = {"wq/wo 2048x2048": (2048, 2048), "wk/wv 512x2048": (512, 2048), "w1/w3 8192x2048": (8192, 2048),
           "w2 2048x8192": (2048, 8192), "output 128256x2048": (128256, 2048)}
+LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # every linear layer of the model
 
 
 class RowInt8Linear(nn.Module):
@@ -90,7 +91,7 @@ def speed_table() -> list[str]:
 def quality_table(model_dir: Path, n_tokens: int, ctx: int) -> list[str]:
     tokenizer = llama_models.Tokenizer(model_dir / "tokenizer.model")
     tokens = quality.text_tokens(tokenizer, n_tokens)
-    windows = [[tokenizer.bos_id] + tokens[i:i + ctx - 1] for i in range(0, n_tokens - ctx + 2, ctx - 1)]
+    windows = quality.windows(tokens, tokenizer.bos_id, ctx)
     half = ctx // 2
 
     def log_probs(model):
@@ -99,18 +100,17 @@ def quality_table(model_dir: Path, n_tokens: int, ctx: int) -> list[str]:
 
     reference = log_probs(llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=ctx)[0])
     lines = ["| int8 activations in | mean KL vs ours fp32 (nats) | top-1 agreement |", "|---|---|---|"]
-    for kinds in [(), ("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",), ("output",),
-                  ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")]:
+    for kinds in [(), ("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",), ("output",), LINEARS]:
         model, _ = llama_models.load(model_dir, device="cpu", dtype=torch.bfloat16, max_seq_len=ctx, pack=False)
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
-                if name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"):
+                if name in LINEARS:
                     layer = RowInt8Linear if name in kinds else Int8Linear
                     setattr(module, name, layer(child.weight, torch.bfloat16))
         kl = top1 = scored = 0
         for ref, logp in zip(reference, log_probs(model)):
-            kl += (ref.exp() * (ref - logp)).sum().item()
-            top1 += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+            window_kl, window_top1 = quality.kl_and_top1(ref, logp)
+            kl, top1 = kl + window_kl, top1 + window_top1
             scored += len(ref)
         label = ", ".join(kinds) if kinds else "none (weight-only, as `--quantize int8` runs)"
         lines.append(f"| {label} | {kl / scored:.5f} | {100 * top1 / scored:.2f}% |")

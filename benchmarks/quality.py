@@ -50,6 +50,18 @@ def text_tokens(tokenizer, n_tokens: int) -> list[int]:
     return tokens[:n_tokens]
 
 
+def windows(tokens: list[int], bos_id: int, ctx: int) -> list[list[int]]:
+    """Each window: the begin-of-text token, then ctx - 1 tokens of text; windows do not overlap."""
+    step = ctx - 1
+    return [[bos_id] + tokens[i:i + step] for i in range(0, len(tokens) - step + 1, step)]
+
+
+def kl_and_top1(ref: torch.Tensor, logp: torch.Tensor) -> tuple[float, int]:
+    """Summed KL(ref || logp) over positions, and the positions whose most likely token agrees.
+    ref, logp: (P, V) log-probabilities."""
+    return (ref.exp() * (ref - logp)).sum().item(), (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+
+
 class Ours:
     def __init__(self, model_dir, dtype, quantize, ctx):
         self.model, _ = llama_models.load(model_dir, device="cpu", dtype=getattr(torch, dtype), quantize=quantize,
@@ -95,27 +107,26 @@ def main():
             modes[f"llama.cpp {gguf_type}"] = LlamaCpp(path, opts.ctx)
             system_info = modes[f"llama.cpp {gguf_type}"].system_info
 
-    # Each window: the begin-of-text token, then ctx - 1 tokens of text; windows do not overlap.
-    step = opts.ctx - 1
-    windows = [[tokenizer.bos_id] + tokens[i:i + step] for i in range(0, len(tokens) - step + 1, step)]
+    scored_windows = windows(tokens, tokenizer.bos_id, opts.ctx)
     half = opts.ctx // 2
     totals = {name: {"nll": 0.0, "kl": 0.0, "top1": 0} for name in modes}
     scored = 0
-    for n, window in enumerate(windows, 1):
+    for n, window in enumerate(scored_windows, 1):
         targets = torch.tensor(window[half + 1:])  # the next token of positions half .. ctx - 2
         ref = modes["ours fp32"].log_probs(window)[half:-1]  # (P, V): the reference
         for name, mode in modes.items():
             logp = ref if name == "ours fp32" else mode.log_probs(window)[half:-1]
             totals[name]["nll"] -= logp.gather(1, targets[:, None]).sum().item()
-            totals[name]["kl"] += (ref.exp() * (ref - logp)).sum().item()
-            totals[name]["top1"] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+            kl, top1 = kl_and_top1(ref, logp)
+            totals[name]["kl"] += kl
+            totals[name]["top1"] += top1
         scored += len(targets)
-        print(f"window {n}/{len(windows)}: " + ", ".join(
+        print(f"window {n}/{len(scored_windows)}: " + ", ".join(
             f"{name} ppl {math.exp(t['nll'] / scored):.3f}" for name, t in totals.items()), file=sys.stderr)
 
     lines = [f"## Quality: {opts.model_dir.name}", "",
              f"{datetime.date.today()}, {machine.describe()}. {scored} scored positions: the second halves "
-             f"of {len(windows)} windows of {opts.ctx} tokens of Python's documentation (pydoc_data/topics.py). "
+             f"of {len(scored_windows)} windows of {opts.ctx} tokens of Python's documentation (pydoc_data/topics.py). "
              f"KL divergence and top-1 agreement against ours fp32. Command: `python benchmarks/quality.py "
              f"{opts.model_dir} --tokens {opts.tokens} --ctx {opts.ctx}{' --llama-cpp' if opts.llama_cpp else ''}`",
              ""]
