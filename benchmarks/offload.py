@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
 from llama_models.pages import mapped_file, release_pages  # noqa: E402
-from llama_models.offload import BlockStreamer, huge_page_buffer, parse_memory, streamed_tensors  # noqa: E402
+from llama_models.offload import ALIGN, BlockStreamer, huge_page_buffer, parse_memory, streamed_tensors  # noqa: E402
 import machine  # noqa: E402  (beside this script)
 from run import KEEP_MARKER  # noqa: E402  (benchmarks/run.py, beside this script)
 
 CHUNK = 64 << 20
+MADV_POPULATE_READ = 22  # madvise advice (Linux 5.14+, <sys/mman.h>): read the pages in now, as faults would
 
 
 def evict(path: Path) -> None:
@@ -55,8 +56,8 @@ def direct_read_bandwidth(path: Path, huge_pages: bool) -> float:
     if huge_pages:
         aligned = huge_page_buffer(CHUNK).numpy()
     else:
-        buffer = torch.empty(CHUNK + 4096, dtype=torch.uint8)
-        aligned = buffer[-buffer.data_ptr() % 4096:][:CHUNK].numpy()  # O_DIRECT needs an aligned buffer
+        buffer = torch.empty(CHUNK + ALIGN, dtype=torch.uint8)
+        aligned = buffer[-buffer.data_ptr() % ALIGN:][:CHUNK].numpy()  # O_DIRECT needs an aligned buffer
     start, total = time.perf_counter(), 0
     try:
         while n := os.readv(fd, [aligned]):
@@ -70,7 +71,8 @@ def page_in(tensor: torch.Tensor) -> None:
     """Read the pages of a mmapped tensor from disk into memory (Linux 5.14+: MADV_POPULATE_READ)."""
     start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
     length = tensor.data_ptr() + tensor.nbytes - start
-    if ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 22) != 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_POPULATE_READ) != 0:
         raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_READ) failed")
 
 

@@ -21,6 +21,7 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -127,8 +128,8 @@ def table(results: dict, n_weights: int, bandwidth: float) -> list[str]:
         decode = statistics.median(r["decode_tok_s"])
         compared = min(len(r["tokens"]), len(reference or []))
         agree = f"{leading_agreement(r['tokens'], reference)}/{compared}" if reference else "-"
-        runs = f" (1 run, {len(r['tokens'])} tokens)" if name in SLOW else ""
-        lines.append(f"| {name}{runs} | {r['load_s']:.2f} | {r['first_token_s']:.2f} | {r['first_step_s']:.2f} "
+        note = f" (1 run, {len(r['tokens'])} tokens)" if name in SLOW else ""
+        lines.append(f"| {name}{note} | {r['load_s']:.2f} | {r['first_token_s']:.2f} | {r['first_step_s']:.2f} "
                      f"| {r['peak_rss'] / 1e9:.2f} "
                      f"| {statistics.median(r['prefill_tok_s']):.1f} | {decode:.1f} | {per_token / 1e6:.0f} "
                      f"| {per_token * decode / 1e9:.1f} | {100 * per_token * decode / bandwidth:.0f}% | {agree} |")
@@ -148,7 +149,7 @@ def ratios(results: dict) -> list[str]:
     return lines
 
 
-def main():
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 new tokens, 1 timed run")
     parser.add_argument("--big", action="store_true", help="the 8B shape only: memory and time to first token")
@@ -159,19 +160,16 @@ def main():
                         "--quick and --big 1)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: benchmarks/RESULTS.md, "
                         "with --big RESULTS-8b.md; none with --quick)")
-    opts = parser.parse_args()
-    short = opts.quick or opts.big
-    new_tokens = opts.new_tokens or (8 if opts.quick else 4 if opts.big else 128)
-    runs = opts.runs or (1 if short else 3)
-    models = opts.models.split(",") if opts.models else ["8b"] if opts.big else ["smollm2", "1b"]
-    out = opts.out or (None if opts.quick else WORK.parent / ("RESULTS-8b.md" if opts.big else "RESULTS.md"))
+    return parser.parse_args()
 
-    load_before, bandwidth_before = os.getloadavg()[0], memory_bandwidth()
-    measured = {}  # model -> (prompt, {contender: results})
+
+def measure(models: list, only: Optional[list], new_tokens: int, runs: int) -> dict:
+    """Run each model's contenders (those in `only`, if given): model -> (prompt, {contender: results})."""
+    measured = {}
     for model in models:
         directory, _, names = MODELS[model]
         prompt = Tokenizer(WORK / directory / "tokenizer.model").encode(PROMPT, bos=True, eos=False)
-        names = [n for n in names if not opts.contenders or n in opts.contenders.split(",")]
+        names = [n for n in names if not only or n in only]
         measured[model] = prompt, {}
         for name in names:
             print(f"{directory}: {name} ...", file=sys.stderr, flush=True)
@@ -180,12 +178,15 @@ def main():
             else:
                 result = run_contender(name, WORK / directory, prompt, new_tokens, runs)
             measured[model][1][name] = result
-    # Measured again at the end: if other work slowed one measurement, the other may be clean.
-    load_after, bandwidth_after = os.getloadavg()[0], memory_bandwidth()
-    bandwidth = max(bandwidth_before, bandwidth_after)
+    return measured
 
+
+def report(measured: dict, new_tokens: int, runs: int, loads: tuple, bandwidths: tuple) -> str:
+    """RESULTS.md's text. loads, bandwidths: (at the start, at the end); the higher bandwidth is the ceiling."""
+    (load_before, load_after), (bandwidth_before, bandwidth_after) = loads, bandwidths
+    bandwidth = max(bandwidth_before, bandwidth_after)
     ram_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    report = [
+    lines = [
         "# Benchmark results", "",
         f"- command: `{' '.join([Path(sys.executable).name] + sys.argv)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -199,16 +200,32 @@ def main():
     ]
     for model, (prompt, results) in measured.items():
         directory, description, _ = MODELS[model]
-        report += ["", f"## {directory}: {description}", "", f"Prompt: {len(prompt)} tokens.", ""]
-        report += table(results, decode_weights(WORK / directory), bandwidth)
-        report += [""] + ratios(results)
+        lines += ["", f"## {directory}: {description}", "", f"Prompt: {len(prompt)} tokens.", ""]
+        lines += table(results, decode_weights(WORK / directory), bandwidth)
+        lines += [""] + ratios(results)
         for name, target in RSS_TARGETS.get(model, {}).items():
             if "peak_rss" in results.get(name, {}):
                 rss = results[name]["peak_rss"]
                 verdict = "met" if rss <= target else "MISSED"
-                report.append(f"- {name} peak RSS {rss / 1e9:.2f} GB: target <= {target / 1e9:g} GB {verdict}")
-    report += ["", NOTES]
-    text = "\n".join(report) + "\n"
+                lines.append(f"- {name} peak RSS {rss / 1e9:.2f} GB: target <= {target / 1e9:g} GB {verdict}")
+    lines += ["", NOTES]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    opts = parse_options()
+    short = opts.quick or opts.big
+    new_tokens = opts.new_tokens or (8 if opts.quick else 4 if opts.big else 128)
+    runs = opts.runs or (1 if short else 3)
+    models = opts.models.split(",") if opts.models else ["8b"] if opts.big else ["smollm2", "1b"]
+    out = opts.out or (None if opts.quick else WORK.parent / ("RESULTS-8b.md" if opts.big else "RESULTS.md"))
+
+    load_before, bandwidth_before = os.getloadavg()[0], memory_bandwidth()
+    measured = measure(models, opts.contenders.split(",") if opts.contenders else None, new_tokens, runs)
+    # Measured again at the end: if other work slowed one measurement, the other may be clean.
+    load_after, bandwidth_after = os.getloadavg()[0], memory_bandwidth()
+
+    text = report(measured, new_tokens, runs, (load_before, load_after), (bandwidth_before, bandwidth_after))
     print(text)
     if out is not None:
         # Other benchmarks (benchmarks/offload.py) append their sections after KEEP_MARKER: keep them.

@@ -56,15 +56,15 @@ def main():
     cores = os.cpu_count()
     combos = list(itertools.product(range(1, cores + 1), POLICIES))
     results = {}
-    for machine in ("idle", "busy"):
+    for state in ("idle", "busy"):  # the machine alone, then next to --busy CPU-bound processes
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(opts.busy if machine == "busy" else 0)]
+                for _ in range(opts.busy if state == "busy" else 0)]
         try:
             for repeat in range(opts.repeats):
                 for threads, policy in combos:
                     decode, load = run_once(opts.model_dir, threads, policy, opts.max_new_tokens, extra)
-                    results.setdefault((machine, threads, policy), []).append((decode, load))
-                    print(f"{machine} threads={threads} OMP_WAIT_POLICY={policy}: {decode:.1f} tok/s, load {load:.2f} s",
+                    results.setdefault((state, threads, policy), []).append((decode, load))
+                    print(f"{state} threads={threads} OMP_WAIT_POLICY={policy}: {decode:.1f} tok/s, load {load:.2f} s",
                           file=sys.stderr)
         finally:
             for hog in hogs:
@@ -79,13 +79,13 @@ def main():
              "",
              "| machine | threads | OMP_WAIT_POLICY | decode tok/s | vs default | load s |",
              "|---|---|---|---|---|---|"]
-    for machine in ("idle", "busy"):
-        default = statistics.median(d for d, _ in results[(machine, cores, "unset")])
+    for state in ("idle", "busy"):
+        default = statistics.median(d for d, _ in results[(state, cores, "unset")])
         for threads, policy in combos:
-            runs = results[(machine, threads, policy)]
+            runs = results[(state, threads, policy)]
             decode = statistics.median(d for d, _ in runs)
             load = statistics.median(lo for _, lo in runs)
-            lines.append(f"| {machine} | {threads} | {policy} | {decode:.1f} | {decode / default:.2f}x | {load:.2f} |")
+            lines.append(f"| {state} | {threads} | {policy} | {decode:.1f} | {decode / default:.2f}x | {load:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if opts.append:

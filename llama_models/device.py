@@ -24,10 +24,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     # CPU: bfloat16. Decoding one token reads every weight once, so speed follows bytes read, and
     # bf16 reads half of float32's. It is also the dtype Meta ships, so loading needs no copy
-    # (memory stays at the file size). Measured on a 2-core AVX512-BF16 EPYC with torch 2.13, a
-    # 2048x8192 matrix-vector product: 18 GB/s in bf16 vs 15 in fp32 through F.linear, 40 vs 33
-    # with packed weights (llama_models.packed): either way about 2.4x the weights per second.
-    # On a CPU without native bf16 instructions, try --dtype float32.
+    # (memory stays at the file size). On a CPU with native bf16 instructions, a matrix-vector
+    # product reads bf16 at least as many bytes per second as fp32, so more than twice the weights
+    # per second, packed (llama_models.packed) or not (measured:
+    # docs/benchmarks.md#bf16-and-packed-weights). On a CPU without them, try --dtype float32.
     # CUDA: bfloat16 where supported (Meta's choice), else float16. MPS: float16, the dtype
     # Apple's GPU kernels are built for (bf16 needs macOS 14+). Neither measured here (no GPU).
     if device.type == "cuda":

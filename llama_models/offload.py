@@ -12,10 +12,11 @@ once, so one read serves them all.
 
 Why slots, and not the mapped file's own pages: memory freshly handed out by the kernel is slow
 on first touch in a virtual machine (the host backs it only then), and the page cache hands out
-fresh pages for every block it reads. Measured here, a block's matrix-vector products ran at
-1-14 GB/s on just-read file pages and 27 GB/s on memory touched before. The slots are touched
-once, at load, and read into with O_DIRECT (no page cache, nothing to evict); in huge pages, so
-each read is a few large requests: 2.9 GB/s here against 1.3 GB/s into 4 KiB pages.
+fresh pages for every block it reads, so a block's matrix-vector products ran far slower on
+just-read file pages than on memory touched before. The slots are touched once, at load, and
+read into with O_DIRECT (no page cache, nothing to evict); in huge pages, so each read is a few
+large requests, faster than reads into 4 KiB pages. (Both measured:
+docs/benchmarks.md#streaming-blocks.)
 
 int8 blocks are streamed the same way once quantize_blocks_to_files has written them to files.
 Linux only: it relies on O_DIRECT, madvise, posix_fadvise and /proc/self.
@@ -41,12 +42,14 @@ from torch import nn
 from .pages import mapped_file, release_pages
 from .quantize import quantize_linears
 
+# madvise advice, numbered as in Linux's <sys/mman.h>:
 MADV_RANDOM = 1  # a fault reads just its own page, not the 8 MB the kernel would read around it
 ALIGN = 4096  # O_DIRECT reads whole disk blocks: offsets, lengths and buffers in multiples of this
-HUGE_PAGE = 2 << 20
-# What a forward pass allocates besides the weights and the KV cache: PyTorch's lazily loaded
-# kernels (~80 MB on the first call) and the activations, mostly the float32 logits of a prefill
-# (200 tokens over Llama 3's 128k vocabulary: 100 MB, plus their bf16 original).
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 Linux: 2 MiB
+# What a forward pass allocates besides the weights and the KV cache: PyTorch's kernels, loaded
+# lazily on the first call (measured: docs/benchmarks.md#streaming-blocks), and the activations,
+# mostly the float32 logits of a prefill (200 tokens over Llama 3's 128k vocabulary: 100 MB,
+# plus their bf16 original).
 ACTIVATIONS = 256 << 20
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -97,17 +100,17 @@ def resident_blocks(model: nn.Module, max_memory: int, resident: list[torch.Tens
     activations, and the streamed blocks. At least two blocks must fit: the one computing and the
     next one being read. `resident`: resident_weights(model).
     """
-    kept = _nbytes(resident)
-    block = slot_layout(model)[1]
+    resident_bytes = _nbytes(resident)
+    block_bytes = slot_layout(model)[1]
     now = _process_rss()
-    fixed = now + ACTIVATIONS + kept
-    fits = (max_memory - fixed) // block
+    fixed = now + ACTIVATIONS + resident_bytes
+    fits = (max_memory - fixed) // block_bytes
     if fits < 2:
         raise ValueError(
             f"max_memory={_size(max_memory)} is too small for this model: it needs at least "
-            f"{_size(fixed + 2 * block)} (this process now {_size(now)} + activations {_size(ACTIVATIONS)} + "
-            f"embeddings, norms and output head {_size(kept)} + 2 transformer blocks of {_size(block)}: "
-            f"the one computing and the next one being read)")
+            f"{_size(fixed + 2 * block_bytes)} (this process now {_size(now)} + activations {_size(ACTIVATIONS)} + "
+            f"embeddings, norms and output head {_size(resident_bytes)} + 2 transformer blocks of "
+            f"{_size(block_bytes)}: the one computing and the next one being read)")
     return min(fits, len(model.layers))
 
 
@@ -128,7 +131,8 @@ def slot_layout(model: nn.Module) -> tuple[list[int], int]:
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """nbytes of zeroed memory, starting at a huge page boundary, in huge pages where the kernel has them."""
-    # Private: anonymous memory shared between processes (mmap's default) gets no huge pages.
+    # Anonymous (file descriptor -1: no file behind it) and private: anonymous memory shared
+    # between processes (mmap's default) gets no huge pages.
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory = torch.frombuffer(region, dtype=torch.uint8)  # keeps region alive
     start = -memory.data_ptr() % HUGE_PAGE
@@ -318,8 +322,8 @@ def stream_blocks(model: nn.Module, max_memory: Union[int, str]) -> Optional[Blo
                              f"layers.0.{name} is not in it ({t.dtype} on {t.device}): load on the CPU, "
                              f"in the file's dtype")
     resident = resident_weights(model)
-    n = resident_blocks(model, max_memory, resident)
-    if n == len(model.layers):
+    n_blocks = resident_blocks(model, max_memory, resident)
+    if n_blocks == len(model.layers):
         return None  # the whole model fits: nothing to stream
     libc = ctypes.CDLL(None)
     for t in resident:
@@ -333,4 +337,4 @@ def stream_blocks(model: nn.Module, max_memory: Union[int, str]) -> Optional[Blo
             # not in the middle of the first pass. A throwaway sum touches every page.
             with torch.no_grad():
                 t.sum()
-    return BlockStreamer(model, prefetch=n - 1)
+    return BlockStreamer(model, prefetch=n_blocks - 1)

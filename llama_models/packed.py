@@ -4,10 +4,10 @@ Decoding multiplies one activation vector by every weight matrix, so a CPU decod
 by how fast the weights stream from memory. F.linear hands oneDNN (PyTorch's CPU matmul library)
 a plain row-major matrix and lets it work from that on every call. Reordering ("prepacking") each
 weight once into the blocked layout its kernels read best is what torch.compile's freezing does
-behind the scenes; here it is done in the open, with no compiler. Measured on this project's
-2-core AVX512-BF16 machine (torch 2.13, a 2048x8192 stack, one row): bf16 39.6 GB/s packed
-against 26 GB/s through F.linear; float32 32-35 against 19-24 GB/s. The results are those of
-F.linear up to float rounding (bitwise the same in the bf16 checks we ran).
+behind the scenes; here it is done in the open, with no compiler. The packed weights stream
+from memory faster than F.linear's, in bf16 and in float32 (measured:
+docs/benchmarks.md#bf16-and-packed-weights). The results are those of F.linear up to float
+rounding (bitwise the same in the bf16 checks we ran).
 """
 
 import platform
@@ -69,8 +69,9 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
             return packed_linear(x, self.weight, self.out_features)  # traceable, differentiable
-        # Plain inference calls the kernel directly: a custom op costs ~7 us per call in eager
-        # mode, 9% of a SmolLM2 decode step (211 linear layers).
+        # Plain inference calls the kernel directly: a custom op adds a fixed cost to every call
+        # in eager mode, paid once per linear layer, 211 times in a SmolLM2 decode step
+        # (measured: docs/benchmarks.md#calling-the-packed-kernel-directly).
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -15,6 +15,10 @@ from typing import Optional
 
 import torch
 
+# madvise advice number (4 on Linux and macOS): the pages are not needed any more. Passed to
+# libc through ctypes, since Python's mmap module advises only its own mappings, not a tensor's.
+MADV_DONTNEED = 4
+
 
 def mapped_file(address: int) -> Optional[tuple[str, int]]:
     """(path, offset in that file) of a byte of this process's memory that maps a file; else None.
@@ -55,7 +59,7 @@ def release_pages(tensor: torch.Tensor, evict: Optional[tuple[str, int]] = None)
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
     if end <= start:
         return
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
     if evict is not None and sys.platform == "linux":
         # After the madvise no one maps these pages (the mapping is private to this process and
         # read-only, so they are the page cache's own pages): DONTNEED can now drop them.

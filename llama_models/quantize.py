@@ -29,13 +29,13 @@ class Int8Linear(nn.Module):
         # freed into the C heap, which does not give them back to the OS, and memory would grow
         # layer after layer.
         for start in range(0, weight.shape[0], 256):
-            rows = slice(start, start + 256)
-            w = weight[rows].float()  # (256, in)
+            block = slice(start, start + 256)
+            w = weight[block].float()  # (256, in)
             scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (256,)
-            self.weight[rows] = torch.round(w / scales[:, None]).to(torch.int8)
-            self.scales[rows] = scales.to(dtype)
+            self.weight[block] = torch.round(w / scales[:, None]).to(torch.int8)
+            self.scales[block] = scales.to(dtype)
 
-    MANY_ROWS = 16  # from here on, on the CPU, the float matmul wins (200 rows: 2-3x faster)
+    MANY_ROWS = 16  # from here on, on the CPU, the float matmul wins (measured: docs/benchmarks.md#int8-prompts)
     CHUNK = 1024  # output rows dequantized at a time: scratch memory of CHUNK x in_features
 
     def forward(self, x):
@@ -44,8 +44,8 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
         if rows.shape[0] < self.MANY_ROWS or x.device.type != "cpu":
             # Decoding, and MPS: a kernel that reads the int8 weights directly, dequantizing on
-            # the fly. On the CPU it is made for a few rows: at a prompt's 200 rows it runs at a
-            # third of the float matmul's speed.
+            # the fly. On the CPU it is made for a few rows: a prompt's many rows go faster
+            # through the float matmul below.
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:
             # A prompt on the CPU: dequantize CHUNK output rows at a time into a float matmul.
@@ -83,15 +83,15 @@ class Int4Linear(nn.Module):
         # so that a weight is (level - 8) * scale + zero.
         self.register_buffer("scales_and_zeros", torch.empty(n_in // self.GROUP, n_out, 2, dtype=dtype))
         for start in range(0, n_out, 256):  # a block of rows at a time, as in Int8Linear
-            rows = slice(start, start + 256)
-            w = weight[rows].float().unflatten(1, (-1, self.GROUP))  # (256, in/32, 32)
+            block = slice(start, start + 256)
+            w = weight[block].float().unflatten(1, (-1, self.GROUP))  # (256, in/32, 32)
             low, high = w.amin(dim=2), w.amax(dim=2)  # (256, in/32)
             # Rounded to dtype first, so the levels are chosen against the scales the kernel uses.
             scale = ((high - low).clamp(min=1e-6) / 15).to(dtype).float()
             zero = (low + 8 * scale).to(dtype).float()
             levels = torch.round((w - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp(0, 15)
-            self.weight[rows] = torch._convert_weight_to_int4pack_for_cpu(levels.flatten(1).int(), 2)
-            self.scales_and_zeros[:, rows] = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype)
+            self.weight[block] = torch._convert_weight_to_int4pack_for_cpu(levels.flatten(1).int(), 2)
+            self.scales_and_zeros[:, block] = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype)
 
     def forward(self, x):
         out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.weight, self.GROUP,

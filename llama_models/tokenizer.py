@@ -38,8 +38,8 @@ CONFIG_KEYS = ("pattern", "special_tokens", "bos_token", "eos_token", "stop_toke
 # inputs made tiktoken panic), then wherever a run of whitespace or of non-whitespace reaches
 # 25,000 characters (tiktoken issue 195: BPE time quadratic in the length of one piece, and a run
 # without whitespace is one piece). The tiktoken we pin encodes such runs in linear time on its
-# own (a 200,000-character run: 0.03 s), but a cut changes the ids next to it, so we cut at
-# exactly Meta's places: the ids are the same as Meta's on any input.
+# own (measured: docs/benchmarks.md#tokenizing-long-runs), but a cut changes the ids next to it,
+# so we cut at exactly Meta's places: the ids are the same as Meta's on any input.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _RUNS = re.compile(r"\s+|\S+")

@@ -377,7 +377,8 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path],
         tensors = read_tensor_names(reader, params["n_layers"])
         vocabulary, tokenizer_config = read_tokenizer(reader)
         # The parsed metadata (Llama 3's 128256 tokens and 280147 merges, as numpy objects) takes
-        # ~500 MB: let it go before the minutes of writing.
+        # hundreds of MB (measured: docs/benchmarks.md#gguf-metadata): let it go before the
+        # minutes of writing.
         del reader
     except ConversionError as e:
         raise ConversionError(f"{source}: {e}") from None
