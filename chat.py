@@ -26,41 +26,29 @@ Edit the globals below and run it, or override them with flags:
 In the chat, /help lists the commands; Ctrl-C stops a reply; Ctrl-D or /bye leaves.
 """
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import torch
 import torch.distributed as dist
 
 import llama_models
-import run_inference
-from llama_models import cli
+from llama_models import cli, generation
+from llama_models.report import Stats
 
-# --- what to run ---
-MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR; an Instruct model (it needs a chat format)
-LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `llama model download` puts them
-SYSTEM_PROMPT = ""  # a first message that sets the assistant's behaviour for the whole conversation; "" for none
-DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
-DTYPE = None  # "float32", "bfloat16", "float16"; None: the device's default (bfloat16 on CPU)
-QUANTIZE = None  # "int8" or "int4": weight-only quantized linear layers (see run_inference.py)
-MAX_MEMORY = None  # a budget such as "4GB": stream transformer blocks from disk (see run_inference.py)
-COMPILE = False  # torch.compile the decode step; the first reply's first step compiles
-# The KV cache's length: the whole conversation must fit, with room for a reply. A longer cache
-# costs memory (2 x layers x kv heads x head size x positions) but no time until it is used.
-MAX_SEQ_LEN = 2048
-MAX_NEW_TOKENS = 512  # the longest reply; a conversation always keeps room for one this long
-THREADS = max(1, torch.get_num_threads() - 1)  # CPU threads: one per core but one (see run_inference.py)
-
-# --- how to choose each token ---
-DECODING = "greedy"  # "greedy" or "sample" (beam search answers one prompt: run_inference.py)
-TEMPERATURE = 0.6  # sampling: see run_inference.py
-TOP_K = 0
-TOP_P = 0.9
-SEED = 0  # reply n of a conversation draws with seed SEED + n: repeatable, yet not the same draws each turn
+# --- the conversation (the model, the device and the rest: llama_models/cli.py, or --help) ---
+# A first message that sets the assistant's behaviour for the whole conversation; "" for none.
+SYSTEM_PROMPT = ""
+# The longest reply; a conversation always keeps room for one this long in the KV cache
+# (--max-seq-len positions: a longer cache costs memory, 2 x layers x kv heads x head size x
+# positions, but no time until it is used).
+MAX_NEW_TOKENS = 512
+# "greedy" or "sample" (temperature, top-k, top-p: llama_models.generation.sampling_distribution;
+# beam search answers one prompt: run_inference.py). Reply n of a conversation draws with seed
+# --seed + n: repeatable, yet not the same draws each turn.
+DECODING = "greedy"
 
 COMMANDS = """\
 /help           this list
@@ -138,33 +126,34 @@ class Conversation:
         self.last_turn = turn
 
 
-def respond(model, tokenizer, conversation: Conversation, turn: Turn, args, seed: int, stats) -> None:
-    """Feed the turn and stream the reply to stdout; record both in the conversation."""
+def respond(model, tokenizer, conversation: Conversation, turn: Turn, sampling: dict, stats: Stats) -> None:
+    """Feed the turn and stream the reply to stdout; record both in the conversation.
+
+    sampling: {} for greedy, else generation.sample()'s temperature, top_k, top_p and seed.
+    """
     # A turn from position 0 overwrites the cache: should it be cut short, the conversation's
     # own tokens are fed again from there.
     conversation.cached = min(conversation.cached, turn.start_pos)
-    reply = []  # every token chosen, so that a Ctrl-C keeps what came before it
-
-    def on_step(logits, token):
-        stats.step()
-        reply.append(token)
-
-    options = dict(max_new_tokens=args.max_new_tokens, stop_tokens=tokenizer.stop_tokens, on_step=on_step,
+    options = dict(max_new_tokens=conversation.max_new_tokens, stop_tokens=tokenizer.stop_tokens,
                    start_pos=turn.start_pos)
-    if args.decoding == "greedy":
-        tokens = run_inference.greedy(model, turn.tokens, **options)
+    if sampling:
+        tokens = generation.sample(model, turn.tokens, **sampling, **options)
     else:
-        tokens = run_inference.sample(model, turn.tokens, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, seed=seed, **options)
-    cut = False
+        tokens = generation.greedy(model, turn.tokens, **options)
+    reply, text, cut = [], generation.TextStream(tokenizer), False  # reply: every token, kept on Ctrl-C
     try:
-        run_inference.stream_text(tokenizer, tokens, tokenizer.stop_tokens, lambda text: print(text, end="", flush=True))
+        for token in tokens:
+            stats.step()
+            reply.append(token)
+            print(text.add(token), end="", flush=True)
+        print(text.end(), end="")
     except KeyboardInterrupt:
         cut = True
-        print(" [cut]" if reply else "[stopped before the reply began: the message is not kept]", end="")
+        print(text.end() + (" [cut]" if reply else "[stopped before the reply began: the message is not kept]"),
+              end="")
     print(flush=True)
     if not cut and (not reply or reply[-1] not in tokenizer.stop_tokens):
-        print(f"[the reply reached --max-new-tokens {args.max_new_tokens} and stops there]", file=sys.stderr)
+        print(f"[the reply reached --max-new-tokens {conversation.max_new_tokens} and stops there]", file=sys.stderr)
     print(flush=True)  # a blank line between turns
     content = [t for t in reply if t not in tokenizer.stop_tokens]
     if reply or not cut:
@@ -263,49 +252,28 @@ def run_command(line: str, conversation: Conversation, stats, device) -> bool:
     return True
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    add = parser.add_argument
-    add("--model-dir", type=Path, default=LLAMA_MODELS_DIR / MODEL_NAME,
-        help="checkpoint directory of an Instruct model (params.json, consolidated.00.pth, tokenizer.model)")
-    add("--system", default=SYSTEM_PROMPT, help="system prompt")
-    cli.add_model_flags(parser, DEVICE, DTYPE, THREADS)
-    cli.add_memory_flags(parser, QUANTIZE, MAX_MEMORY, COMPILE)
-    add("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="KV cache length: the conversation and a reply")
-    add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="the longest reply")
-    add("--decoding", choices=["greedy", "sample"], default=DECODING, help="how to pick tokens")
-    add("--temperature", type=float, default=TEMPERATURE, help="sample: divide logits by this; 0 = greedy")
-    add("--top-k", type=int, default=TOP_K, help="sample: keep the k most likely tokens; 0 = all")
-    add("--top-p", type=float, default=TOP_P, help="sample: keep the most likely tokens up to this mass, in (0, 1]")
-    add("--seed", type=int, default=SEED, help="sample: random seed of the first reply")
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(__doc__)
+    cli.add_flags(parser, "--model-dir", "--system", "--max-new-tokens", "--max-seq-len", "--device", "--dtype",
+                  "--threads", "--quantize", "--max-memory", "--compile", system=SYSTEM_PROMPT,
+                  max_new_tokens=MAX_NEW_TOKENS)
+    parser.add_argument("--decoding", choices=["greedy", "sample"], default=DECODING, help="how to pick tokens")
+    cli.add_flags(parser, "--temperature", "--top-k", "--top-p", "--seed")
     return parser.parse_args(argv)
-
-
-def check_args(args) -> None:
-    rules = [
-        (args.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
-        (args.max_seq_len > args.max_new_tokens, f"--max-seq-len ({args.max_seq_len}) must exceed "
-                                                 f"--max-new-tokens ({args.max_new_tokens}): room for a message and a reply"),
-        (args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}"),
-        (args.top_k >= 0, f"--top-k must be 0 (off) or more, got {args.top_k}"),
-        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    with cli.user_errors(args.model_dir, MODEL_NAME):
-        check_args(args)
-        torch.set_num_threads(args.threads)
-        device = llama_models.resolve_device(args.device)
+    with cli.user_errors():  # bad input or a missing checkpoint: one line and exit status 1
+        if args.max_seq_len <= args.max_new_tokens:
+            raise ValueError(f"--max-seq-len ({args.max_seq_len}) must exceed --max-new-tokens "
+                             f"({args.max_new_tokens}): room for a message and a reply")
+        device = cli.start(args.threads, args.device)
+        args.model_dir = cli.checkpoint_dir(args.model_dir)
         start = time.perf_counter()
-        model, tokenizer = llama_models.load(
-            args.model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-            max_seq_len=args.max_seq_len, quantize=args.quantize, max_memory=args.max_memory)
+        model, tokenizer = llama_models.load(args.model_dir, device=device, dtype=args.dtype,
+                                             max_seq_len=args.max_seq_len, quantize=args.quantize,
+                                             max_memory=args.max_memory)
         load_s = time.perf_counter() - start
         chat_format = llama_models.ChatFormat(tokenizer)  # ValueError for a model without a chat format
         if args.compile:
@@ -319,50 +287,56 @@ def main(argv=None):
         except ImportError:  # Windows
             pass
     conversation = Conversation(chat_format, args.system, args.max_seq_len, args.max_new_tokens)
-    dtype = str(model.norm.weight.dtype).removeprefix("torch.") + (f", {args.quantize}" if args.quantize else "")
+    dtype = str(model.dtype).removeprefix("torch.") + (f", {args.quantize}" if args.quantize else "")
     print(f"{args.model_dir.name} on {device}, {dtype}, context {args.max_seq_len} tokens, loaded in {load_s:.1f} s"
           f"{'; /help for commands, /bye or Ctrl-D to leave' if interactive else ''}", file=sys.stderr)
     if model.block_streamer:
         print(model.block_streamer, file=sys.stderr)
-
-    stats, replies = None, 0
-    try:
-        while True:
-            try:
-                line = shared_message(interactive)
-            except KeyboardInterrupt:
-                print("\n[Ctrl-C stops a reply; to leave: /bye or Ctrl-D]", file=sys.stderr)
-                continue
-            if line is None:
-                break
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not run_command(line, conversation, stats, device):
-                    break
-                continue
-            try:
-                turn = conversation.next_turn(line)
-            except ValueError as e:
-                print(f"[{e}]", file=sys.stderr)
-                continue
-            dropped = len(conversation.messages) + 1 - len(turn.messages)
-            if dropped:
-                used = turn.start_pos + len(turn.tokens)
-                print(f"[the conversation outgrew --max-seq-len {args.max_seq_len}: dropped the {dropped} oldest "
-                      f"messages (the system prompt stays); {used} positions used, "
-                      f"{args.max_seq_len - used} left for the reply]", file=sys.stderr)
-            stats = run_inference.Stats(load_s, len(turn.tokens), compiled=args.compile and not replies)
-            respond(model, tokenizer, conversation, turn, args, seed=args.seed + replies, stats=stats)
-            replies += 1
-    except cli.NonFiniteLogits as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C while a reply was being recorded
-        print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+    sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                if args.decoding == "sample" else {})
+    replies = converse(model, tokenizer, conversation, sampling, args.compile, load_s, interactive)
     if not interactive and not replies:
         print("[standard input held no message: nothing to answer]", file=sys.stderr)
 
 
+def converse(model, tokenizer, conversation: Conversation, sampling: dict, compiled: bool, load_s: float,
+             interactive: bool) -> int:
+    """Read a message, answer it, until /bye or the end of input; return the number of replies.
+
+    sampling: {} for greedy, else generation.sample()'s arguments, the seed that of the first reply.
+    """
+    stats, replies = None, 0
+    while True:
+        try:
+            line = shared_message(interactive)
+        except KeyboardInterrupt:
+            print("\n[Ctrl-C stops a reply; to leave: /bye or Ctrl-D]", file=sys.stderr)
+            continue
+        if line is None:
+            return replies
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not run_command(line, conversation, stats, model.device):
+                return replies
+            continue
+        try:
+            turn = conversation.next_turn(line)
+        except ValueError as e:
+            print(f"[{e}]", file=sys.stderr)
+            continue
+        dropped = len(conversation.messages) + 1 - len(turn.messages)
+        if dropped:
+            used = turn.start_pos + len(turn.tokens)
+            print(f"[the conversation outgrew --max-seq-len {conversation.max_seq_len}: dropped the {dropped} "
+                  f"oldest messages (the system prompt stays); {used} positions used, "
+                  f"{conversation.max_seq_len - used} left for the reply]", file=sys.stderr)
+        stats = Stats(load_s, len(turn.tokens), compiled=compiled and not replies)
+        # Reply n draws with seed + n: repeatable, yet not the same draws each turn.
+        this_reply = dict(sampling, seed=sampling["seed"] + replies) if sampling else {}
+        respond(model, tokenizer, conversation, turn, this_reply, stats)
+        replies += 1
+
+
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -19,32 +19,26 @@ The functions are importable and do nothing on import; in a notebook:
     explore.logit_lens(model, rec.hidden[:, -1])  # (n_layers + 1, vocab) probabilities
 """
 
-import argparse
 import base64
-import os
+import math
 import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+from torch import nn
 
 import llama_models
-import run_inference
-from llama_models import cli
+from llama_models import cli, generation
+from llama_models.generation import token_text
+from llama_models.report import model_summary
 
-# --- what to run ---
-MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR
-LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `llama model download` puts them
+# --- what to look inside (the model, the device and the rest: llama_models/cli.py, or --help) ---
 INPUT_STRING = "The capital of France is"  # the text to look inside
 # Plain text by default, even for an Instruct model: the tokens are then the prompt's own. With
-# CHAT the prompt is wrapped in the chat template first, special tokens and all (run_inference.py).
+# CHAT the prompt is wrapped in the chat template first, special tokens and all.
 CHAT = False
-SYSTEM_PROMPT = ""  # chat mode only
-DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
-DTYPE = None  # "float32", "bfloat16", "float16"; None: the device's default (bfloat16 on CPU)
-MAX_SEQ_LEN = 2048  # the longest prompt: the KV cache is allocated for this many positions
-THREADS = max(1, torch.get_num_threads() - 1)  # CPU threads: one per core but one (see run_inference.py)
 
 # --- what to show ---
 SECTIONS = "tokens,lens,attention"  # any of them, comma-separated, in this order
@@ -71,13 +65,38 @@ class Recording(NamedTuple):
     layers: list[int]  # the blocks `attention` holds, in its order
 
 
+class RecordedAttention(nn.Module):
+    """What the model's ScaledDotProductAttention computes, step by step, keeping the probabilities.
+
+    record() swaps it in for a block's fused attention (Attention.attend) while it records, as
+    quantization swaps in its linear layers: the model itself has one attention path.
+    """
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = fused.n_heads, fused.n_kv_heads, fused.head_dim
+        self.weights = None  # (B, H, S, kv_len) float32, the last call's
+
+    def forward(self, xq, keys, values, mask):
+        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool or None."""
+        group = self.n_heads // self.n_kv_heads
+        keys = keys.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd): query head h reads kv head h // group
+        values = values.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd)
+        scores = xq @ keys.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, H, S, kv_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # a later position gets probability 0
+        # The softmax in float32 even for bf16 activations, as transformers' eager attention does.
+        self.weights = scores.float().softmax(dim=-1)  # (B, H, S, kv_len), each row sums to 1
+        return self.weights.type_as(values) @ values  # (B, H, S, Hd)
+
+
 @torch.inference_mode()
 def record(model, tokens: Sequence[int], attention: bool = True, layers: Optional[Sequence[int]] = None) -> Recording:
     """Run the prompt through the model once and keep what happens inside.
 
-    The hidden states come from forward hooks on the blocks, the attention probabilities from the
-    blocks' own attention, switched to record them (Attention.record_weights), so they are the
-    very numbers its output is made of. The KV cache is overwritten from position 0.
+    The hidden states come from forward hooks on the blocks, the attention probabilities from a
+    RecordedAttention swapped in for each chosen block's fused attention: they are the very
+    numbers its output is made of. The KV cache is overwritten from position 0.
 
     Args:
         model: a llama_models.Transformer in one process.
@@ -88,23 +107,23 @@ def record(model, tokens: Sequence[int], attention: bool = True, layers: Optiona
         Recording: logits (seq, vocab), hidden (n_layers + 1, seq, dim) in the model's dtype,
         attention (len(layers), n_heads, seq, seq) or None.
     """
-    device = model.tok_embeddings.weight.device
     layers = list(range(len(model.layers))) if layers is None else list(layers)
     hidden = []
     # The input of block 0 is the token embeddings; each block's output is the next one's input.
     hooks = [model.layers[0].register_forward_pre_hook(lambda module, args: hidden.append(args[0][0]))]
     hooks += [block.register_forward_hook(lambda module, args, out: hidden.append(out[0])) for block in model.layers]
-    recorders = [model.layers[i].attention for i in layers] if attention else []
-    for module in recorders:
-        module.record_weights = True
+    swapped = [model.layers[i].attention for i in layers] if attention else []
+    fused = [module.attend for module in swapped]
+    for module in swapped:
+        module.attend = RecordedAttention(module.attend)
     try:
-        logits = model(torch.tensor([list(tokens)], device=device), start_pos=0)[0]  # (S, V)
-        weights = torch.stack([module.weights[0] for module in recorders]) if recorders else None  # (layers, H, S, S)
+        logits = model(torch.tensor([list(tokens)], device=model.device), start_pos=0)[0]  # (S, V)
+        weights = torch.stack([module.attend.weights[0] for module in swapped]) if swapped else None  # (layers, H, S, S)
     finally:  # also on Ctrl-C: leave the model as fast as it was
         for hook in hooks:
             hook.remove()
-        for module in recorders:
-            module.record_weights, module.weights = False, None
+        for module, original in zip(swapped, fused):
+            module.attend = original
     return Recording(logits, torch.stack(hidden), weights, layers)
 
 
@@ -179,7 +198,7 @@ def token_rows(tokenizer, tokenizer_path: Path, tokens: Sequence[int]) -> list[T
     rows = []
     for position, token in enumerate(tokens):
         line, b64 = lines.get(token, (None, None))
-        text = names[token] if token in special else run_inference.token_text(tokenizer, token)
+        text = names[token] if token in special else token_text(tokenizer, token)
         rows.append(TokenRow(position, token, text, token in special, line, b64))
     return rows
 
@@ -211,16 +230,16 @@ def layer_name(i: int) -> str:
 def print_logit_lens(model, tokenizer, rec: Recording, tokens, position: int, top: int) -> None:
     probs = logit_lens(model, rec.hidden[:, position])  # (n_layers + 1, V)
     final = int(rec.logits[position].argmax())
-    final_text = run_inference.token_text(tokenizer, final)
+    final_text = token_text(tokenizer, final)
     # The rank of the final prediction at each layer: 1 + how many tokens are more likely.
     ranks = (probs > probs[:, final:final + 1]).sum(dim=-1) + 1  # (n_layers + 1,)
-    print(f"== logit lens at position {position} ({run_inference.token_text(tokenizer, tokens[position])}) ==")
+    print(f"== logit lens at position {position} ({token_text(tokenizer, tokens[position])}) ==")
     print(f"the residual stream after each block, through the final norm and the output head; the model's "
           f"prediction is {final_text} ({float(rec.logits[position].softmax(-1)[final]):.3f})")
     rows = []
     for i in range(len(probs)):
         best = probs[i].topk(top)
-        rows.append("  ".join(f"{run_inference.token_text(tokenizer, int(t))} {float(p):.3f}"
+        rows.append("  ".join(f"{token_text(tokenizer, int(t))} {float(p):.3f}"
                               for p, t in zip(best.values, best.indices)))
     heading = f"top {top}"
     width = max(len(heading), *(len(r) for r in rows))
@@ -242,7 +261,7 @@ def print_attention(tokenizer, rec: Recording, tokens, position: int, blocks: li
     # 2023, "Efficient streaming language models with attention sinks": drop the first token from a
     # sliding window and the text degrades at once). Heads that do look at content stand out by
     # *not* weighing position 0 most.
-    label = [f"{run_inference.token_text(tokenizer, t)}({i})" for i, t in enumerate(tokens)]
+    label = [f"{token_text(tokenizer, t)}({i})" for i, t in enumerate(tokens)]
     n = min(top, position + 1)
     print(f"== attention from position {position} ({label[position]}): the {n} tokens it weighs most, "
           f"as text(position) probability ==")
@@ -303,9 +322,9 @@ def plot_logit_lens(model, tokenizer, rec: Recording, tokens, path: Path, dpi: i
     for layer in range(probs.shape[0]):
         for p in range(probs.shape[1]):
             dark = probs[layer, p] > 0.6
-            ax.text(p, layer, short(run_inference.token_text(tokenizer, int(ids[layer, p]))), ha="center",
+            ax.text(p, layer, short(token_text(tokenizer, int(ids[layer, p]))), ha="center",
                     va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_xticks(range(len(tokens)), [short(run_inference.token_text(tokenizer, t), 14) for t in tokens],
+    ax.set_xticks(range(len(tokens)), [short(token_text(tokenizer, t), 14) for t in tokens],
                   rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(probs)), [layer_name(i) for i in range(len(probs))], fontsize=7)
     ax.set_title("logit lens: the top next token after each block, at each input position")
@@ -321,7 +340,7 @@ def plot_attention(tokenizer, rec: Recording, tokens, block: int, heads: list[in
     fig = Figure(figsize=attention_figure_size(len(tokens), len(panels)), dpi=dpi, layout="constrained")
     cols = min(4, len(panels))
     axes = fig.subplots(-(-len(panels) // cols), cols, squeeze=False).flatten()
-    labels = [short(run_inference.token_text(tokenizer, t), 12) for t in tokens]
+    labels = [short(token_text(tokenizer, t), 12) for t in tokens]
     every = max(1, len(tokens) // 40)  # a tick label per token, unless they would overlap
     size = 8 if len(tokens) <= 16 else 6
     for ax, (title, matrix) in zip(axes, panels):
@@ -366,25 +385,19 @@ def plot_dir(path: Path) -> Path:
 # The command line.
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(__doc__)
+    cli.add_flags(parser, "--model-dir", "--prompt", "--prompt-file", "--chat", "--system", "--max-seq-len",
+                  "--device", "--dtype", "--threads", prompt=INPUT_STRING, chat=CHAT)
     add = parser.add_argument
-    add("--model-dir", type=Path, default=LLAMA_MODELS_DIR / MODEL_NAME,
-        help="checkpoint directory (params.json, consolidated.00.pth, tokenizer.model)")
-    add("--prompt", default=INPUT_STRING, help="the text to look inside")
-    add("--prompt-file", help="read the prompt from this file instead; - reads standard input")
-    add("--chat", action=argparse.BooleanOptionalAction, default=CHAT, help="wrap the prompt in the chat template")
-    add("--system", default=SYSTEM_PROMPT, help="system prompt, chat mode only")
-    cli.add_model_flags(parser, DEVICE, DTYPE, THREADS)
-    add("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="the longest prompt (KV cache length)")
     add("--sections", default=SECTIONS, help="what to print: tokens, lens, attention (comma-separated)")
     add("--position", type=int, default=POSITION, help="the position the lens and attention look from; -1: the last")
     add("--layers", default=LAYERS, help="blocks the attention section shows: all, none, or e.g. 0,5,-1")
     add("--heads", default=HEADS, help="heads shown one by one: all, none, or e.g. 0,3")
-    add("--top", type=int, default=TOP, help="tokens per logit-lens row and per attention line")
+    add("--top", type=cli.at_least(1), default=TOP, help="tokens per logit-lens row and per attention line")
     add("--plot", type=Path, default=PLOT_DIR, metavar="DIR", help="write PNG figures into DIR (needs matplotlib)")
     add("--plot-layers", default=PLOT_LAYERS, help="blocks --plot draws attention heat maps of: all, none, or e.g. 5")
-    add("--plot-dpi", type=int, default=PLOT_DPI, help="pixels per inch of the figures")
+    add("--plot-dpi", type=cli.at_least(10), default=PLOT_DPI, help="pixels per inch of the figures")
     return parser.parse_args(argv)
 
 
@@ -414,34 +427,21 @@ def parse_indices(text: str, n: int, flag: str, what: str) -> list[int]:
     return list(dict.fromkeys(indices))  # in the order given, each once
 
 
-def check_args(args) -> None:
-    rules = [
-        (args.max_seq_len >= 1, f"--max-seq-len must be at least 1, got {args.max_seq_len}"),
-        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
-        (args.top >= 1, f"--top must be at least 1, got {args.top}"),
-        (args.plot_dpi >= 10, f"--plot-dpi must be at least 10, got {args.plot_dpi}"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    with cli.user_errors(args.model_dir, MODEL_NAME):  # one line and exit 1; Ctrl-C: exit 130
-        check_args(args)
+    with cli.user_errors():  # bad input or a missing checkpoint: one line and exit status 1
         sections = parse_sections(args.sections)
         if args.plot is not None:  # before the model loads: a missing package or bad folder fails fast
             import_matplotlib()
             plot_dir(args.plot)
         args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
-        torch.set_num_threads(args.threads)
-        device = llama_models.resolve_device(args.device)
+        device = cli.start(args.threads, args.device)
+        args.model_dir = cli.checkpoint_dir(args.model_dir)
         model, tokenizer = llama_models.load(args.model_dir, device=device, max_seq_len=args.max_seq_len,
-                                             dtype=getattr(torch, args.dtype) if args.dtype else None)
+                                             dtype=args.dtype)
         llama_models.print_on_first_process_only()
-        print(run_inference.model_summary(model), file=sys.stderr)
-        tokens = run_inference.encode_prompt(tokenizer, args.prompt, args.chat, args.system)
+        print(model_summary(model), file=sys.stderr)
+        tokens = generation.encode_prompt(tokenizer, args.prompt, args.chat, args.system)
         n = len(tokens)
         if n > args.max_seq_len:
             raise ValueError(f"the prompt is {n} tokens, more than --max-seq-len {args.max_seq_len}")
@@ -454,29 +454,25 @@ def main(argv=None):
         plot_layers = (parse_indices(args.plot_layers, model.params.n_layers, "--plot-layers", "blocks")
                        if args.plot is not None else [])
         heads = parse_indices(args.heads, model.layers[0].attention.n_local_heads, "--heads", "heads")
-        recorded = sorted(set(layers) | set(plot_layers))
-        rec = record(model, tokens, attention=bool(recorded), layers=recorded)
-        for p in range(n):  # NaN would print as a plausible-looking table: stop, and say why
-            cli.check_finite(rec.logits[p], p, model.norm.weight.dtype)
+    recorded = sorted(set(layers) | set(plot_layers))
+    rec = record(model, tokens, attention=bool(recorded), layers=recorded)
+    for p in range(n):  # NaN would print as a plausible-looking table: stop, and say why
+        generation.check_finite(rec.logits[p], p, model.dtype)
 
-        try:
-            if "tokens" in sections:
-                print_tokens(token_rows(tokenizer, args.model_dir / "tokenizer.model", tokens),
-                             args.model_dir / "tokenizer.model")
-            if "lens" in sections:
-                print_logit_lens(model, tokenizer, rec, tokens, position, args.top)
-            if layers:
-                print_attention(tokenizer, rec, tokens, position, layers, heads, args.top)
-            if args.plot is not None:
-                plot_logit_lens(model, tokenizer, rec, tokens, args.plot / "logit-lens.png", args.plot_dpi)
-                for block in plot_layers:
-                    plot_attention(tokenizer, rec, tokens, block, heads, args.plot / f"attention-block-{block:02d}.png",
-                                   args.plot_dpi)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `explore.py | head`: the reader left; not an error of ours
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            sys.exit(1)
+    if "tokens" in sections:
+        tokenizer_path = args.model_dir / "tokenizer.model"
+        print_tokens(token_rows(tokenizer, tokenizer_path, tokens), tokenizer_path)
+    if "lens" in sections:
+        print_logit_lens(model, tokenizer, rec, tokens, position, args.top)
+    if layers:
+        print_attention(tokenizer, rec, tokens, position, layers, heads, args.top)
+    if args.plot is not None:
+        with cli.user_errors():  # a figure that cannot be written: one line
+            plot_logit_lens(model, tokenizer, rec, tokens, args.plot / "logit-lens.png", args.plot_dpi)
+            for block in plot_layers:
+                plot_attention(tokenizer, rec, tokens, block, heads, args.plot / f"attention-block-{block:02d}.png",
+                               args.plot_dpi)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

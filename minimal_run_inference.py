@@ -8,7 +8,6 @@ Edit the globals below and run it, or override them with flags:
     torchrun --nproc_per_node 3 minimal_run_inference.py --model-dir ~/.llama/checkpoints/SmolLM2-135M-Instruct
 """
 
-import argparse
 import codecs
 import sys
 import time
@@ -18,46 +17,30 @@ import torch
 
 import llama_models
 from llama_models import cli
+from llama_models.generation import check_finite
 
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR
 LLAMA_MODELS_DIR = Path("~/.llama/checkpoints").expanduser()  # where Meta's `llama model download` puts them
 INPUT_STRING = "The capital of France is"  # plain completion: the model continues this text
 DEVICE = "auto"  # "auto" picks cuda, then mps, then cpu
 MAX_NEW_TOKENS = 32  # stop after this many new tokens, or earlier at a stop token
-MAX_SEQ_LEN = 2048  # prompt + new tokens; the KV cache is allocated for this many positions
-# A model bigger than memory: None keeps every weight in memory; a budget such as "4GB" keeps the
-# process within it by reading transformer blocks from the checkpoint file as they run, the next
-# ones read ahead while the current one computes (CPU, Linux). Each token then reads the file once.
-MAX_MEMORY = None
-# CPU threads for the matrix products: one per core but one, so that another busy program does
-# not stall every product. See THREADS in run_inference.py.
-THREADS = max(1, torch.get_num_threads() - 1)
+# The rest (--max-seq-len, --threads, --max-memory for a model bigger than memory): --help, or
+# llama_models/cli.py, where the flags the scripts share are defined.
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=LLAMA_MODELS_DIR / MODEL_NAME,
-                        help="checkpoint directory (params.json, consolidated.00.pth, tokenizer.model)")
-    parser.add_argument("--prompt", default=INPUT_STRING, help="text to continue")
-    parser.add_argument("--prompt-file", help="read the prompt from this file instead; - reads standard input")
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="most tokens to generate")
-    parser.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="KV cache length: prompt + new tokens")
-    parser.add_argument("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--max-memory", default=MAX_MEMORY,
-                        help="memory budget such as 4GB: stream transformer blocks from disk to stay within it")
-    parser.add_argument("--threads", type=int, default=THREADS, help="CPU threads")
+    parser = cli.ArgumentParser(__doc__)
+    cli.add_flags(parser, "--model-dir", "--prompt", "--prompt-file", "--max-new-tokens", "--max-seq-len", "--device",
+                  "--threads", "--max-memory", model_dir=LLAMA_MODELS_DIR / MODEL_NAME, prompt=INPUT_STRING,
+                  max_new_tokens=MAX_NEW_TOKENS, device=DEVICE)
     args = parser.parse_args()
 
-    # Bad input, a missing checkpoint or Ctrl-C while loading: one line and an exit code.
-    with cli.user_errors(args.model_dir, MODEL_NAME):
-        if min(args.max_new_tokens, args.threads) < 1:
-            raise ValueError("--max-new-tokens and --threads must be at least 1")
+    with cli.user_errors():  # bad input or a missing checkpoint: one line and exit status 1
         prompt = cli.read_prompt(args.prompt, args.prompt_file)
-        torch.set_num_threads(args.threads)
-        device = llama_models.resolve_device(args.device)
+        device = cli.start(args.threads, args.device)  # torch's CPU threads, then the device
         start = time.perf_counter()
-        model, tokenizer = llama_models.load(args.model_dir, device=device, max_seq_len=args.max_seq_len,
-                                             max_memory=args.max_memory)
+        model, tokenizer = llama_models.load(cli.checkpoint_dir(args.model_dir), device=device,
+                                             max_seq_len=args.max_seq_len, max_memory=args.max_memory)
         # Plain completion: <|begin_of_text|> then the text, nothing else.
         tokens = tokenizer.encode(prompt, bos=True, eos=False)
         if len(tokens) >= args.max_seq_len:
@@ -74,13 +57,13 @@ def main():
     # token to an incremental UTF-8 decoder, which prints a character once it is complete.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(prompt, end="", flush=True)
-    with cli.user_errors(args.model_dir, MODEL_NAME), torch.inference_mode():
+    with torch.inference_mode():
         try:
             # Prefill: the whole prompt in one forward pass fills the KV cache for positions
             # 0 .. len(tokens)-1; the logits at the last position predict the first new token.
             logits = model(torch.tensor([tokens], device=device), start_pos=0)  # (1, len(tokens), vocab)
             for _ in range(max_new_tokens):
-                cli.check_finite(logits, len(tokens), model.norm.weight.dtype)  # NaN: no sensible token
+                check_finite(logits, len(tokens), model.dtype)  # NaN: no sensible next token
                 next_token = int(logits[0, -1].argmax())  # greedy: the single most likely token
                 if next_token in tokenizer.stop_tokens:
                     break
@@ -93,4 +76,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # Ctrl-C: what was printed stays, exit status 130

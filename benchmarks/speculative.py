@@ -7,7 +7,7 @@ Every contender is a fresh `run_inference.py` process, greedy, on the same promp
 
     plain             --decoding greedy
     lookup            --decoding speculative --draft prompt-lookup
-    int4-draft        --decoding speculative --draft-model-dir MODEL_DIR --draft-quantize int4
+    int4-draft        --decoding speculative --draft MODEL_DIR --draft-quantize int4
     plain-fp32        plain and lookup in float32 (--dtype float32)
     lookup-fp32
     plain-streamed    --decoding greedy, with a --max-memory budget that streams the model's blocks
@@ -108,12 +108,12 @@ def step_costs(model_dir: Path, k: int, threads: int, dtype: str, repeats: int =
     dtype = getattr(torch, dtype)
     model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=dtype, max_seq_len=512)
     draft, _ = llama_models.load(model_dir, device="cpu", dtype=dtype, max_seq_len=512, quantize="int4")
-    prompt = tokenizer.encode(PROMPTS["repeat"], bos=True, eos=False)
+    prompt_ids = tokenizer.encode(PROMPTS["repeat"], bos=True, eos=False)
     times = {"step": [], "pass": [], "draft step": []}
     with torch.inference_mode():
         for m in (model, draft):
-            m(torch.tensor([prompt]), 0)
-        pos = len(prompt)
+            m(torch.tensor([prompt_ids]), 0)
+        pos = len(prompt_ids)
         for _ in range(repeats):  # alternated, as the contenders are
             for name, m, n in (("step", model, 1), ("pass", model, k + 1), ("draft step", draft, 1)):
                 start = time.perf_counter()
@@ -122,7 +122,7 @@ def step_costs(model_dir: Path, k: int, threads: int, dtype: str, repeats: int =
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main():
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
@@ -130,39 +130,101 @@ def main():
     parser.add_argument("--draft-tokens", type=int, default=4, help="k")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the markdown results here")
-    opts = parser.parse_args()
-    model_dir = opts.model_dir.expanduser()
-    k = str(opts.draft_tokens)
-    draft = ["--decoding", "speculative", "--draft-model-dir", str(model_dir), "--draft-quantize", "int4",
-             "--draft-tokens", k]
-    lookup = ["--decoding", "speculative", "--draft", "prompt-lookup", "--draft-tokens", k]
-    fp32 = ["--dtype", "float32"]
-    contenders = {"plain": [], "lookup": lookup, "int4-draft": draft,
-                  "plain-fp32": fp32, "lookup-fp32": [*lookup, *fp32]}
-    # No int4 draft in float32: int4 weights with float32 activations take a slow path here (5x a
-    # bf16 step); --dtype sets both models' dtype.
-    load_before = os.getloadavg()
-    started = datetime.datetime.now()
+    return parser.parse_args()
 
+
+def contender_flags(model_dir: Path, k: int) -> dict:
+    """The run_inference.py flags of each contender held in memory (the streamed ones depend on the prompt)."""
+    int4_draft = ["--decoding", "speculative", "--draft", str(model_dir), "--draft-quantize", "int4",
+                  "--draft-tokens", str(k)]
+    lookup = ["--decoding", "speculative", "--draft", "prompt-lookup", "--draft-tokens", str(k)]
+    fp32 = ["--dtype", "float32"]
+    # No int4 draft in float32: int4 weights with float32 activations take a slow path (measured:
+    # docs/benchmarks.md#int4-draft-in-float32); --dtype sets both models' dtype.
+    return {"plain": [], "lookup": lookup, "int4-draft": int4_draft,
+            "plain-fp32": fp32, "lookup-fp32": [*lookup, *fp32]}
+
+
+def run_contenders(model_dir: Path, contenders: dict, repeats: int, max_new_tokens: int,
+                   threads: int) -> tuple[dict, dict]:
+    """Every contender on every prompt, alternated within each repetition. Returns
+    (prompt, contender) -> [parsed runs], and (prompt, contender) -> the set of texts it printed."""
     rows = {}  # (prompt, contender) -> [parsed runs]
     texts = {}
     for prompt_name, prompt in PROMPTS.items():
         common = ["--model-dir", str(model_dir), "--chat", "--prompt", prompt, "--max-new-tokens",
-                  str(opts.max_new_tokens), "--threads", str(opts.threads), "--device", "cpu"]
-        runs = dict(contenders)
+                  str(max_new_tokens), "--threads", str(threads), "--device", "cpu"]
+        flags = dict(contenders)
         for name in ("plain", "lookup", "int4-draft"):  # streaming reads the file's dtype: bf16 only
-            runs[f"{name.split('-')[0]}-streamed"] = [*contenders[name], "--max-memory",
-                                                      streaming_budget(common, contenders[name])]
-        for repeat in range(opts.repeats):
-            for name, extra in runs.items():
+            flags[f"{name.split('-')[0]}-streamed"] = [*contenders[name], "--max-memory",
+                                                       streaming_budget(common, contenders[name])]
+        for repeat in range(repeats):
+            for name, extra in flags.items():
                 stdout, stderr = run_once([*common, *extra])
                 if name.endswith("streamed") and "transformer blocks from disk" not in stderr:
                     sys.exit(f"{name} did not stream:\n{stderr[-2000:]}")
                 rows.setdefault((prompt_name, name), []).append(parse(stderr))
                 texts.setdefault((prompt_name, name), set()).add(stdout)
                 print(f"{prompt_name} {name} #{repeat + 1}: {rows[(prompt_name, name)][-1]}", file=sys.stderr)
+    return rows, texts
+
+
+def results_table(rows: dict, texts: dict) -> list[str]:
+    lines = [
+        "| prompt | contender | decode tok/s | speed-up | accepted | tokens per model pass | disk MB / token | "
+        "same text as plain greedy |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for (prompt_name, name), runs in rows.items():
+        base = next(b for b in ("plain-streamed", "plain-fp32", "plain") if name.endswith(b.removeprefix("plain")))
+        ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(runs, rows[(prompt_name, base)])]
+        kept, proposed = sum(r["kept"] for r in runs), sum(r["proposed"] for r in runs)
+        same = texts[(prompt_name, name)] == texts[(prompt_name, "plain-fp32" if "fp32" in name else "plain")]
+        lines.append(
+            f"| {prompt_name} | {name} | {statistics.median(r['tok_s'] for r in runs):.1f} | "
+            f"{statistics.median(ratios):.2f}x | {f'{kept / proposed:.0%}' if proposed else '-'} | "
+            f"{statistics.median(r['per_pass'] for r in runs):.2f} | "
+            f"{statistics.median(r['read_mb'] / r['tokens'] for r in runs):.1f} | {'yes' if same else 'NO'} |")
+    return lines
+
+
+def step_cost_lines(costs: dict, k: int) -> list[str]:
+    lines = ["", "Per-step costs, in one process after the runs (int4 draft, medians of 15, alternated):", ""]
+    for dtype, c in costs.items():
+        lines.append(f"- {dtype}: one step of the model {c['step'] * 1e3:.1f} ms; a pass over k + 1 = {k + 1} "
+                     f"positions {c['pass'] * 1e3:.1f} ms ({c['pass'] / c['step']:.2f}x a step); one step of the "
+                     f"int4 draft {c['draft step'] * 1e3:.1f} ms ({c['draft step'] / c['step']:.2f}x)")
+    return lines
+
+
+def prediction_lines(rows: dict, costs: dict, k: int) -> list[str]:
+    lines = ["", "What they predict for the in-memory runs: speed-up = tokens per pass x t(step) / cost of a pass, "
+                 "where a pass with k guesses costs k x t(draft step) + t(pass over k + 1) and a pass without "
+                 "(prompt lookup found nothing) costs t(step); f = the share of passes with guesses "
+                 "(proposed / (k x passes)), the tokens per pass as measured above:", ""]
+    for (prompt_name, name), runs in rows.items():
+        if name.startswith(("lookup", "int4-draft")) and not name.endswith("streamed"):
+            c = costs["float32" if name.endswith("fp32") else "bfloat16"]
+            per_pass = sum(r["tokens"] - 1 for r in runs) / sum(r["passes"] for r in runs)
+            f = min(1.0, sum(r["proposed"] for r in runs) / (k * sum(r["passes"] for r in runs)))
+            draft_cost = k * c["draft step"] if name.startswith("int4") else 0.0
+            cost = f * (draft_cost + c["pass"]) + (1 - f) * c["step"]
+            lines.append(f"- {prompt_name}, {name}: {per_pass:.2f} x {c['step'] * 1e3:.1f} / "
+                         f"({f:.2f} x ({draft_cost * 1e3:.1f} + {c['pass'] * 1e3:.1f}) + {1 - f:.2f} x "
+                         f"{c['step'] * 1e3:.1f}) = {per_pass * c['step'] / cost:.2f}x")
+    return lines
+
+
+def main():
+    opts = parse_options()
+    model_dir = opts.model_dir.expanduser()
+    k = opts.draft_tokens
+    contenders = contender_flags(model_dir, k)
+    load_before = os.getloadavg()
+    started = datetime.datetime.now()
+    rows, texts = run_contenders(model_dir, contenders, opts.repeats, opts.max_new_tokens, opts.threads)
     load_after = os.getloadavg()
-    costs = {dtype: step_costs(model_dir, opts.draft_tokens, opts.threads, dtype) for dtype in ("bfloat16", "float32")}
+    costs = {dtype: step_costs(model_dir, k, opts.threads, dtype) for dtype in ("bfloat16", "float32")}
 
     lines = [
         "# Speculative decoding on SmolLM2-135M-Instruct",
@@ -181,40 +243,8 @@ def main():
         f"ratios against `plain` (in memory) or `plain-streamed` (streamed). Disk MB/token: what the OS counted "
         f"the process reading (/proc/self/io read_bytes, load included) / new tokens.",
         "",
-        "| prompt | contender | decode tok/s | speed-up | accepted | tokens per model pass | disk MB / token | "
-        "same text as plain greedy |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for (prompt_name, name), runs in rows.items():
-        base = next(b for b in ("plain-streamed", "plain-fp32", "plain") if name.endswith(b.removeprefix("plain")))
-        ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(runs, rows[(prompt_name, base)])]
-        kept, proposed = sum(r["kept"] for r in runs), sum(r["proposed"] for r in runs)
-        same = texts[(prompt_name, name)] == texts[(prompt_name, "plain-fp32" if "fp32" in name else "plain")]
-        lines.append(
-            f"| {prompt_name} | {name} | {statistics.median(r['tok_s'] for r in runs):.1f} | "
-            f"{statistics.median(ratios):.2f}x | {f'{kept / proposed:.0%}' if proposed else '-'} | "
-            f"{statistics.median(r['per_pass'] for r in runs):.2f} | "
-            f"{statistics.median(r['read_mb'] / r['tokens'] for r in runs):.1f} | {'yes' if same else 'NO'} |")
-    kk = opts.draft_tokens
-    lines += ["", "Per-step costs, in one process after the runs (int4 draft, medians of 15, alternated):", ""]
-    for dtype, c in costs.items():
-        lines.append(f"- {dtype}: one step of the model {c['step'] * 1e3:.1f} ms; a pass over k + 1 = {kk + 1} "
-                     f"positions {c['pass'] * 1e3:.1f} ms ({c['pass'] / c['step']:.2f}x a step); one step of the "
-                     f"int4 draft {c['draft step'] * 1e3:.1f} ms ({c['draft step'] / c['step']:.2f}x)")
-    lines += ["", "What they predict for the in-memory runs: speed-up = tokens per pass x t(step) / cost of a pass, "
-                  "where a pass with k guesses costs k x t(draft step) + t(pass over k + 1) and a pass without "
-                  "(prompt lookup found nothing) costs t(step); f = the share of passes with guesses "
-                  "(proposed / (k x passes)), the tokens per pass as measured above:", ""]
-    for (prompt_name, name), runs in rows.items():
-        if name.startswith(("lookup", "int4-draft")) and not name.endswith("streamed"):
-            c = costs["float32" if name.endswith("fp32") else "bfloat16"]
-            per_pass = sum(r["tokens"] - 1 for r in runs) / sum(r["passes"] for r in runs)
-            f = min(1.0, sum(r["proposed"] for r in runs) / (kk * sum(r["passes"] for r in runs)))
-            draft_cost = kk * c["draft step"] if name.startswith("int4") else 0.0
-            cost = f * (draft_cost + c["pass"]) + (1 - f) * c["step"]
-            lines.append(f"- {prompt_name}, {name}: {per_pass:.2f} x {c['step'] * 1e3:.1f} / "
-                         f"({f:.2f} x ({draft_cost * 1e3:.1f} + {c['pass'] * 1e3:.1f}) + {1 - f:.2f} x "
-                         f"{c['step'] * 1e3:.1f}) = {per_pass * c['step'] / cost:.2f}x")
+    lines += results_table(rows, texts) + step_cost_lines(costs, k) + prediction_lines(rows, costs, k)
     report = "\n".join(lines) + "\n"
     print(report)
     if opts.out:

@@ -1,6 +1,5 @@
 """Load a Meta-format checkpoint directory: params.json, consolidated.00.pth, tokenizer.model."""
 
-import difflib
 import json
 import pickle
 import zipfile
@@ -21,33 +20,8 @@ from .quantize import QUANTIZED_LINEARS, quantize_linears
 from .tokenizer import Tokenizer
 
 
-# What the scripts say when a checkpoint directory is missing; {error} is the CheckpointError,
-# {name} the model's name.
-MISSING_CHECKPOINT = """\
-No Llama checkpoint here: {error}
-Get Meta's weights with `llama model download --source meta --model-id {name}` (llama-stack's
-CLI, after requesting access at https://www.llama.com/llama-downloads), or download the original/
-folder of a Hugging Face repo (e.g. `huggingface-cli download meta-llama/Llama-3.2-1B-Instruct
---include "original/*" --local-dir DIR`) and pass --model-dir DIR/original.
-To see the scripts work right now with a small open model, run `make demo`."""
-
-
 class CheckpointError(Exception):
     """A checkpoint directory that cannot be loaded; the message says which file and why."""
-
-
-def error_message(error: Exception, model_dir: Path, model_name: str) -> str:
-    """What a script prints when load() fails: for a missing checkpoint, where to get one, or,
-    when its folder holds other checkpoints, their names (a typo is likelier than a missing download)."""
-    model_dir = Path(model_dir).expanduser()
-    if isinstance(error, CheckpointError) and not model_dir.joinpath("params.json").exists():
-        others = sorted(p.parent.name for p in model_dir.parent.glob("*/params.json")) if model_dir.parent.is_dir() else []
-        if others and not model_dir.exists():
-            close = difflib.get_close_matches(model_dir.name, others, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            return f"error: {error}; {hint}checkpoints in {model_dir.parent}: {', '.join(others)}"
-        return MISSING_CHECKPOINT.format(error=error, name=model_name)
-    return f"error: {error}"
 
 
 def _read_params(model_dir: Path, **runtime) -> ModelArgs:
@@ -149,7 +123,7 @@ def load(
     model_dir: Union[str, Path],
     *,
     device: Union[str, torch.device] = "auto",
-    dtype: Optional[torch.dtype] = None,
+    dtype: Union[None, str, torch.dtype] = None,
     max_seq_len: int = 2048,
     max_batch_size: int = 1,
     quantize: Optional[str] = None,
@@ -162,7 +136,7 @@ def load(
         model_dir: directory with params.json, consolidated.*.pth and tokenizer.model. A checkpoint
             saved in M shards loads on N processes (torchrun) when M divides N or N divides M.
         device: "auto" (cuda, else mps, else cpu), "cpu", "cuda", "cuda:1", "mps", or a torch.device.
-        dtype: weights' and KV cache's dtype; default: default_dtype(device).
+        dtype: weights' and KV cache's dtype, or its name ("bfloat16"); default: default_dtype(device).
         max_seq_len: longest prompt + generation the KV cache holds.
         max_batch_size: rows of the KV cache (the beam width, for beam search).
         quantize: None, "int8" or "int4" (CPU only): weight-only quantized linear layers
@@ -176,10 +150,10 @@ def load(
             into model_dir/int8/ (made again if the checkpoint changes) and streamed from there.
             A budget that holds the whole model changes nothing.
         pack: on an x86 CPU, in one process, without quantize or streaming, reorder the linear
-            layers' weights into oneDNN's layout (llama_models.packed): 1.5x the decode speed
-            here, the same results. False keeps them as plain Parameters, to change them in
-            place or to take gradients with respect to them (gradients with respect to the
-            inputs and embeddings work either way).
+            layers' weights into oneDNN's layout (llama_models.packed): faster decoding, the same
+            results. False keeps them as plain Parameters, to change them in place or to take
+            gradients with respect to them (gradients with respect to the inputs and embeddings
+            work either way).
     Returns:
         (model, tokenizer). The model is in eval mode; wrap calls in torch.inference_mode()
         unless you want gradients.
@@ -188,16 +162,29 @@ def load(
         ValueError: a device that is not available, or a max_memory too small for two blocks.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    dtype = dtype or default_dtype(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
     if quantize is not None and quantize not in QUANTIZED_LINEARS:
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8, int4)")
     if quantize == "int4" and device.type != "cpu":
         raise ValueError("quantize='int4' runs on the CPU only")
     model_dir = Path(model_dir).expanduser()
+    args, tokenizer, shards = read(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    init_distributed(device)
+    model = build(args, this_process_share(shards, args, model_dir), model_dir)
+    stream = choose_form(model, model_dir, device, dtype, quantize, max_memory, pack)
+    # Place: the cache allocated and everything moved to the device, in dtype.
+    model.setup_cache(device, dtype)
+    model.to(device=device, dtype=dtype)  # no copy when the checkpoint is already there in dtype
+    model.block_streamer = offload.stream_blocks(model, max_memory) if stream else None
+    return model.eval(), tokenizer
+
+
+def read(model_dir: Path, **runtime) -> tuple[ModelArgs, Tokenizer, list[dict]]:
+    """Stage 1, read: params.json, tokenizer.model, and the consolidated.*.pth shards, mapped
+    from their files (nothing is read into memory yet)."""
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {model_dir} not found")
-    args = _read_params(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-
+    args = _read_params(model_dir, **runtime)
     tokenizer_path = model_dir / "tokenizer.model"
     try:
         tokenizer = Tokenizer(tokenizer_path)
@@ -206,7 +193,6 @@ def load(
     if tokenizer.n_words > args.vocab_size:
         raise CheckpointError(f"{tokenizer_path} has {tokenizer.n_words} tokens but params.json "
                               f"says vocab_size={args.vocab_size}")
-
     paths = sorted(model_dir.glob("consolidated.*.pth"))
     if not paths:
         raise CheckpointError(f"no consolidated.*.pth in {model_dir}")
@@ -214,14 +200,21 @@ def load(
     for path, shard in zip(paths[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             raise CheckpointError(f"{path} and {paths[0]} hold different tensor names")
+    return args, tokenizer, shards
 
-    init_distributed(device)
+
+def this_process_share(shards: list[dict], args: ModelArgs, model_dir: Path) -> dict:
+    """The tensors this process holds: all of them alone, its slice under torchrun."""
     rank, world_size = fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
-    if len(paths) % world_size and world_size % len(paths):
-        raise CheckpointError(f"{model_dir} holds {len(paths)} shards, which cannot be split or merged for "
+    if len(shards) % world_size and world_size % len(shards):
+        raise CheckpointError(f"{model_dir} holds {len(shards)} shards, which cannot be split or merged for "
                               f"{world_size} processes: one count must divide the other")
-    state_dict = reshard(shards, rank, world_size, args)
+    return reshard(shards, rank, world_size, args)
 
+
+def build(args: ModelArgs, state_dict: dict, model_dir: Path) -> Transformer:
+    """Stage 2, build: the Transformer, its parameters made the checkpoint's mapped tensors."""
+    world_size = fs_init.get_model_parallel_world_size()
     # Build on the meta device: shapes only, no random weights to allocate and then overwrite.
     # fairscale creates its weights with the legacy torch.Tensor(...) constructor, which ignores
     # the meta device: that memory is allocated but never written, so the OS never backs it
@@ -231,6 +224,7 @@ def load(
     # in float32 before assign=True frees it.
     with torch.device("meta") if world_size == 1 else torch.device("cpu"):
         model = Transformer(args)
+    paths = sorted(model_dir.glob("consolidated.*.pth"))
     _check_tensors(model, state_dict, paths[0] if len(paths) == 1 else model_dir)
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
@@ -239,6 +233,14 @@ def load(
         # A tied output head (SmolLM2: one tensor in the file for both): make it one Parameter,
         # or converting the dtype below would make two copies of it.
         model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def choose_form(model: Transformer, model_dir: Path, device: torch.device, dtype: torch.dtype,
+                quantize: Optional[str], max_memory, pack: bool) -> bool:
+    """Stage 3, the weights' form: streamed from disk, quantized, packed for oneDNN, or as they
+    are. Replaces the linear layers accordingly; returns whether the blocks are streamed."""
+    world_size = fs_init.get_model_parallel_world_size()
     # A budget that holds the whole model changes nothing: decide before packing or quantizing,
     # which both need to know whether the blocks will be streamed.
     stream = max_memory is not None and offload.must_stream(model, max_memory, dtype, quantize)
@@ -258,7 +260,4 @@ def load(
     elif pack and not stream and world_size == 1 and can_pack(device, dtype):
         # Each weight's file pages are released once it is copied: memory stays at one copy.
         pack_linears(model, dtype, release=release_pages)
-    model.setup_cache(device, dtype)
-    model.to(device=device, dtype=dtype)  # no copy when the checkpoint is already there in dtype
-    model.block_streamer = offload.stream_blocks(model, max_memory) if stream else None
-    return model.eval(), tokenizer
+    return stream

@@ -11,7 +11,6 @@ parallelism (all of it with one process).
 """
 
 import math
-from typing import Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 from .args import ModelArgs
 
 
-def _keep(weight):
+def _no_init(weight):
     # fairscale calls init_method on every new weight; the checkpoint overwrites them anyway.
     return weight
 
@@ -124,24 +123,22 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
 
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep)
+                                       gather_output=False, init_method=_no_init)
         self.wk = ColumnParallelLinear(args.dim, n_kv_heads * args.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep)
+                                       gather_output=False, init_method=_no_init)
         self.wv = ColumnParallelLinear(args.dim, n_kv_heads * args.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep)
+                                       gather_output=False, init_method=_no_init)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False,
-                                    input_is_parallel=True, init_method=_keep)
+                                    input_is_parallel=True, init_method=_no_init)
         # The KV cache: keys and values of every position seen so far, so that each new token
         # attends to the past without recomputing it. Allocated once at full size
         # (Transformer.setup_cache), written in place. Not part of the checkpoint.
         cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)  # (B, max_seq_len, K, Hd)
-        # A look inside (explore.py): when True, forward computes the attention probabilities
-        # explicitly, keeps them in self.weights and uses them for its output. Off, it is one
-        # attribute check per call: the fused kernel below never builds the (S, kv_len) matrix.
-        self.record_weights = False
-        self.weights = None  # (B, H, S, kv_len) float32, the last call's, while record_weights
+        # The attention itself, softmax(q k^T / sqrt(Hd)) v, as a module of its own so that code
+        # that wants to look inside (explore.py) can swap in one that records the probabilities.
+        self.attend = ScaledDotProductAttention(self.n_local_heads, self.n_local_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
         bsz, seqlen, _ = x.shape
@@ -156,43 +153,35 @@ class Attention(nn.Module):
         self.cache_v[:bsz].index_copy_(1, positions, xv)
         keys = self.cache_k[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
         values = self.cache_v[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
-
-        if self.record_weights:
-            out = self._attend_and_record(xq.transpose(1, 2), keys, values, mask)
-        else:
-            # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does
-            # the sharing inside the kernel instead of materialising repeated copies of the cache.
-            out = F.scaled_dot_product_attention(
-                xq.transpose(1, 2),  # (B, H, S, Hd)
-                keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
-                enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-            )  # (B, H, S, Hd)
+        out = self.attend(xq.transpose(1, 2), keys, values, mask)  # (B, H, S, Hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, S, H*Hd)
         return self.wo(out)
 
-    def _attend_and_record(self, xq, keys, values, mask):
-        """What scaled_dot_product_attention computes, step by step, keeping the probabilities.
 
-        xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool or None.
-        """
-        group = self.n_local_heads // self.n_local_kv_heads
-        keys = keys.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd): query head h reads kv head h // group
-        values = values.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd)
-        scores = xq @ keys.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, H, S, kv_len)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # a later position gets probability 0
-        # The softmax in float32 even for bf16 activations, as transformers' eager attention does.
-        self.weights = scores.float().softmax(dim=-1)  # (B, H, S, kv_len), each row sums to 1
-        return self.weights.type_as(values) @ values  # (B, H, S, Hd)
+class ScaledDotProductAttention(nn.Module):
+    """Each query's weighted mean of the values, weighted by softmax(q . k / sqrt(Hd)) over the keys."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+
+    def forward(self, xq, keys, values, mask):
+        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool, True = may
+        attend, or None. Returns (B, H, S, Hd)."""
+        # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
+        # sharing inside the kernel instead of materialising repeated copies of the cache; the
+        # fused kernel never builds the (S, kv_len) matrix of probabilities either.
+        return F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
-        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
-        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_no_init)
+        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_no_init)
 
     def forward(self, x):
         # SwiGLU: a SiLU-gated linear unit. w1 makes the gate, w3 the value, w2 projects back.
@@ -224,14 +213,28 @@ class Transformer(nn.Module):
                              f"a multiple or a divisor of it; this model runs on "
                              f"{', '.join(map(str, args.process_counts()))} processes")
         self.params = args
-        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_no_init)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_no_init)
         # A plain attribute, not a buffer, so that model.to(bfloat16) cannot round the angles:
         # positions in the thousands need float32. forward() moves it to the tokens' device.
         self.rope = rope_table(args)  # (max_seq_len, Hd/2, 2)
-        self.compiled_forward = None  # set by compile_decode_step()
+        self.compiled_step = None  # the compiled decode step, once compile_decode_step() made it
+        # Set by llama_models.load when the blocks are streamed from disk (llama_models.offload):
+        # the BlockStreamer that reads them in; it prints what it holds.
+        self.block_streamer = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs. (The norms' weights are plain tensors whatever form the linear
+        layers' weights take: packed, quantized or streamed.)"""
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations and the KV cache (int8/int4 weights compute in it)."""
+        return self.norm.weight.dtype
 
     def setup_cache(self, device, dtype):
         """(Re)allocate the RoPE table (float32) and an empty KV cache on `device` in `dtype`.
@@ -257,16 +260,47 @@ class Transformer(nn.Module):
                 # Indexing with a tensor copies the rows first, so overwriting in place is safe.
                 cache[:n, :end] = cache[rows, :end]  # (n, end, K, Hd)
 
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.
+
+        Args:
+            tokens: (batch, seq) token ids. The KV cache already holds positions < start_pos.
+            start_pos: position of tokens[:, 0]. Prefill with start_pos=0 and the whole prompt,
+                then call once per new token with seq=1 and start_pos = tokens so far.
+        Returns:
+            (batch, seq, vocab) float32 logits for the token after each position.
+        """
+        bsz, seqlen = tokens.shape
+        if bsz > self.params.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (S,)
+        kv_len = start_pos + seqlen  # attend over the cache slots written so far, these included
+        # A single new token may see every slot written so far: no mask.
+        mask = causal_mask(positions, kv_len) if seqlen > 1 else None
+        return self._logits(tokens, positions, kv_len, mask)
+
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, mask) -> torch.Tensor:
+        """The network itself: embed, the blocks, the final norm, the output head. (B, S, V) float32."""
+        h = self.tok_embeddings(tokens)  # (B, S, D)
+        self.rope = self.rope.to(tokens.device)  # a no-op once it is there
+        rope = self.rope[positions]  # (S, Hd/2, 2)
+        for layer in self.layers:
+            h = layer(h, positions, kv_len, rope, mask)
+        h = self.norm(h)
+        return self.output(h).float()  # (B, S, V)
+
     def compile_decode_step(self) -> None:
-        """Make decode_step() run a torch.compile'd forward: one graph for every decode step.
+        """Make decode_step() run a torch.compile'd step: one graph for every decode step.
 
         Static shapes: the position goes in as a tensor, so each step looks the same to the
-        compiler and nothing recompiles as the text grows (see forward). The price: attention
-        spans all max_seq_len cache slots, masked, so keep max_seq_len near what you need. The
-        first step compiles (about 30 s for a 30-layer model here; torch caches the result on
-        disk, in /tmp/torchinductor_$USER, which brings a later run down to a few seconds). With
-        one process, fairscale's embedding makes one graph break (dynamo cannot trace its
-        autograd Function); the blocks and the output head are one graph.
+        compiler and nothing recompiles as the text grows (see _static_decode_step). The price:
+        attention spans all max_seq_len cache slots, masked, so keep max_seq_len near what you
+        need. The first step compiles (tens of seconds; torch caches the result on disk, in
+        /tmp/torchinductor_$USER, so a later run takes a few seconds). With one process,
+        fairscale's embedding makes one graph break (dynamo cannot trace its autograd Function);
+        the blocks and the output head are one graph.
 
         fairscale's linear layers (left where nothing packed or quantized them: Apple and other
         ARM CPUs, bf16 without AVX512) would break the graph too, twice each: in one process their
@@ -274,56 +308,29 @@ class Transformer(nn.Module):
         """
         if fs_init.get_model_parallel_world_size() == 1:
             replace_linears(self, _plain_linear)
-        self.compiled_forward = torch.compile(self.forward, dynamic=False)
+        self.compiled_step = torch.compile(self._static_decode_step, dynamic=False)
 
     def decode_step(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """forward() for one new token per row, (B, 1) at position start_pos: eager, or compiled
         after compile_decode_step(). Returns (B, 1, V) float32 logits."""
-        if self.compiled_forward is None:
+        if self.compiled_step is None:
             return self(tokens, start_pos)
-        return self.compiled_forward(tokens, torch.tensor(start_pos, device=tokens.device))
+        return self.compiled_step(tokens, torch.tensor(start_pos, device=tokens.device))
 
-    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]) -> torch.Tensor:
-        """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.
+    def _static_decode_step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        """forward() with the same shapes at every position, for torch.compile: start_pos is a
+        0-dim tensor, and attention spans the whole cache."""
+        # Positions as data, not as shapes: one compiled graph serves every step. The slots not
+        # written yet hold zeros (or a longer, earlier sequence); the mask hides them.
+        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
+        kv_len = self.params.max_seq_len
+        return self._logits(tokens, positions, kv_len, causal_mask(positions, kv_len))
 
-        Args:
-            tokens: (batch, seq) token ids. The KV cache already holds positions < start_pos.
-            start_pos: position of tokens[:, 0]. Prefill with start_pos=0 and the whole prompt,
-                then call once per new token with seq=1 and start_pos = tokens so far. A 0-dim
-                tensor instead of an int gives every call the same shapes, for torch.compile
-                (compile_decode_step): attention then spans the whole cache, masked.
-        Returns:
-            (batch, seq, vocab) float32 logits for the token after each position.
-        """
-        bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size:
-            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
-        compiled = isinstance(start_pos, torch.Tensor)
-        if compiled:
-            # Positions as data, not as shapes: one compiled graph serves every step. The slots
-            # not written yet hold zeros (or a longer, earlier sequence); the mask hides them.
-            positions = start_pos + torch.arange(seqlen, device=tokens.device)  # (S,)
-            kv_len = self.params.max_seq_len
-        else:
-            if start_pos + seqlen > self.params.max_seq_len:
-                raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
-            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (S,)
-            kv_len = start_pos + seqlen
-        h = self.tok_embeddings(tokens)  # (B, S, D)
-        self.rope = self.rope.to(tokens.device)  # a no-op once it is there
-        rope = self.rope[positions]  # (S, Hd/2, 2)
 
-        mask = None
-        if seqlen > 1 or compiled:
-            # Token i of this call sits at position positions[i] and may attend to every earlier
-            # position and to itself, but not to later ones: True = may attend. (A boolean
-            # comparison rather than Meta's torch.triu of -inf, which returns NaN on MPS:
-            # pytorch/pytorch#100005.) A single new token attending to exactly the slots written
-            # so far may see all of them: no mask.
-            key_pos = torch.arange(kv_len, device=tokens.device)  # (kv_len,)
-            mask = key_pos[None, :] <= positions[:, None]  # (S, kv_len)
-
-        for layer in self.layers:
-            h = layer(h, positions, kv_len, rope, mask)
-        h = self.norm(h)
-        return self.output(h).float()  # (B, S, V)
+def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(S, kv_len) bool, True = may attend: the token at positions[i] sees every earlier position
+    and itself, not later ones."""
+    # A boolean comparison rather than Meta's torch.triu of -inf, which returns NaN on MPS
+    # (pytorch/pytorch#100005).
+    key_pos = torch.arange(kv_len, device=positions.device)  # (kv_len,)
+    return key_pos[None, :] <= positions[:, None]  # (S, kv_len)

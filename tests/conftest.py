@@ -2,12 +2,12 @@
 .cache/meta-reference (Meta's llama-models 0.3.0, the oracle) and the SmolLM2 GGUF file."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 META_REF = REPO / ".cache" / "meta-reference"
 LLAMA3_TOKENIZER = META_REF / "models" / "llama3" / "tokenizer.model"
 SMOLLM2_GGUF = REPO / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"

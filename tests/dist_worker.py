@@ -1,6 +1,6 @@
 """Run under torchrun (or plain python) by test_model_parallel.py: load a checkpoint, then let
 rank 0 save to OUT the float32 logits of a fixed prompt, and the tokens of greedy decoding,
-seeded sampling and beam search (run_inference's functions)."""
+seeded sampling (llama_models.generation) and beam search (run_inference.py)."""
 
 import sys
 
@@ -8,6 +8,7 @@ import torch
 
 import llama_models
 import run_inference
+from llama_models import generation
 
 model_dir, out = sys.argv[1], sys.argv[2]
 model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=64, max_batch_size=3)
@@ -17,8 +18,8 @@ with torch.inference_mode():
     logits = model(torch.tensor([prompt]), 0)
 results = {
     "logits": logits,
-    "greedy": list(run_inference.greedy(model, prompt, **common)),
-    "sample": list(run_inference.sample(model, prompt, temperature=1.0, top_k=50, top_p=0.95, seed=3, **common)),
+    "greedy": list(generation.greedy(model, prompt, **common)),
+    "sample": list(generation.sample(model, prompt, temperature=1.0, top_k=50, top_p=0.95, seed=3, **common)),
     "beam": run_inference.beam_search(model, prompt, beam_width=3, **common),
     "world_size": torch.distributed.get_world_size(),
 }

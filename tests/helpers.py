@@ -1,4 +1,5 @@
-"""Test helpers: random checkpoints, Meta's reference model, Hugging Face conversions."""
+"""Test helpers: random checkpoints, Meta's reference model, Hugging Face conversions, the scripts
+run as a user runs them."""
 
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import torch
 from tools.hf_llama import hf_llama  # noqa: F401  (the tests import it from here)
 from tools.make_checkpoint import PRESETS, make_checkpoint
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def tiny_params(**overrides) -> dict:
     return dict(PRESETS["tiny"], **overrides)
@@ -19,6 +22,26 @@ def tiny_params(**overrides) -> dict:
 def checkpoint(tmp_path, seed=0, **overrides):
     """A random tiny checkpoint dir; overrides change params.json keys."""
     return make_checkpoint(tmp_path, tiny_params(**overrides), seed=seed)
+
+
+def sharpened(model_dir, scale=10.0, names=("output.weight",), dtype=None):
+    """Scale the weights whose names end with `names` (and optionally store the file in another
+    dtype), in place; returns model_dir.
+
+    At the usual init the model's choices are nearly flat: next-token logits within rounding of
+    each other, every attention row nearly uniform. Two correct implementations could then break
+    ties differently, and an implementation that ignored the weights could pass. Larger weights
+    spread the choices apart.
+    """
+    path = model_dir / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    for name in state_dict:
+        if name.endswith(names):
+            state_dict[name] = state_dict[name] * scale
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    torch.save(state_dict, path)
+    return model_dir
 
 
 def fp32_state_dict(model_dir):
@@ -81,7 +104,7 @@ def load_peak_growth(model_dir, tmp_path, quantize=None) -> tuple[int, str]:
     model's dtype), measured in a fresh process (Linux: VmHWM)."""
     warm = checkpoint(tmp_path / "tiny")
     out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(model_dir), str(warm), quantize or "none"],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, cwd=REPO,
                          check=True).stdout.split()
     return int(out[0]), out[1]
 
@@ -118,10 +141,38 @@ def cycle_checkpoint(tmp_path):
     return model_dir
 
 
+# --- the scripts, as a user runs them ------------------------------------------------------------
+
+def default_sigint():
+    """In a child about to run a script: Ctrl-C back to its default. A test suite started in the
+    background of a non-interactive shell (`cmd &`) runs with SIGINT ignored, and its children
+    would inherit that: every Ctrl-C test would then fail."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_script(script: str, *args, **popen) -> subprocess.Popen:
+    """`python SCRIPT ARGS` in the repository, started: text pipes for stdout and stderr."""
+    popen = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) | popen
+    return subprocess.Popen([sys.executable, script, *map(str, args)], preexec_fn=default_sigint, **popen)
+
+
+def finish(process: subprocess.Popen, timeout=300) -> tuple[int, str, str]:
+    """Wait for a started script: (exit status, stdout, stderr)."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+def run_script(script: str, *args, timeout=300, **popen) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in the repository, to its end (input="..." feeds its standard input)."""
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, preexec_fn=default_sigint, **popen)
+
+
 def interrupt_while_loading(command: list, checkpoint_file: Path, **popen) -> subprocess.CompletedProcess:
     """Run `command`, press Ctrl-C (SIGINT) as soon as it has mapped checkpoint_file (load() is
     under way), and return what it printed and its exit code."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint, **popen)
     deadline = time.monotonic() + 120
     while str(checkpoint_file) not in Path(f"/proc/{process.pid}/maps").read_text():
         assert process.poll() is None and time.monotonic() < deadline, "the checkpoint was never mapped"

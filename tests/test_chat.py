@@ -7,7 +7,6 @@ import os
 import pty
 import re
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -17,9 +16,8 @@ import torch
 
 import chat
 import llama_models
-import run_inference
-from conftest import REPO
-from helpers import checkpoint
+from helpers import REPO, checkpoint, default_sigint
+from llama_models.report import Stats
 
 MESSAGES = ["Hi!", "Name a colour.", "And a fruit of that colour?"]
 
@@ -38,8 +36,8 @@ def record_calls(model) -> list:
 
 def talk(model, tokenizer, conversation, text, max_new_tokens):
     turn = conversation.next_turn(text)
-    args = chat.parse_args(["--max-new-tokens", str(max_new_tokens)])
-    chat.respond(model, tokenizer, conversation, turn, args, seed=0, stats=run_inference.Stats(0.0, len(turn.tokens)))
+    assert conversation.max_new_tokens == max_new_tokens
+    chat.respond(model, tokenizer, conversation, turn, {}, Stats(0.0, len(turn.tokens)))  # greedy
     return turn
 
 
@@ -89,8 +87,7 @@ def test_a_cut_reply_stays_and_its_last_token_is_fed_again(tmp_path, monkeypatch
 
     turn = conversation.next_turn(MESSAGES[0])
     monkeypatch.setattr(model, "decode_step", ctrl_c_on_the_fourth_step)
-    args = chat.parse_args(["--max-new-tokens", "8"])
-    chat.respond(model, tokenizer, conversation, turn, args, seed=0, stats=run_inference.Stats(0.0, len(turn.tokens)))
+    chat.respond(model, tokenizer, conversation, turn, {}, Stats(0.0, len(turn.tokens)))  # greedy
     monkeypatch.undo()
     assert conversation.messages[-1]["role"] == "assistant" and len(conversation.tokens) == len(turn.tokens) + 4
     assert conversation.cached == len(conversation.tokens) - 1
@@ -196,6 +193,7 @@ class Terminal:
     def __init__(self, *args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its stdin, stdout and stderr
+            default_sigint()
             os.chdir(REPO)
             os.execv(sys.executable, [sys.executable, "chat.py", *args])
         self.seen = ""

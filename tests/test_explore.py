@@ -4,7 +4,6 @@ and the command line's errors."""
 
 import base64
 import re
-import subprocess
 import sys
 
 import pytest
@@ -13,8 +12,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import explore
 import llama_models
-from conftest import LLAMA3_TOKENIZER, REPO, SMOLLM2_GGUF
-from helpers import checkpoint, fp32_state_dict, hf_llama, interrupt_while_loading, memory_test_checkpoint
+from conftest import LLAMA3_TOKENIZER, SMOLLM2_GGUF
+from helpers import (REPO, checkpoint, fp32_state_dict, hf_llama, interrupt_while_loading, memory_test_checkpoint,
+                     run_script, sharpened, start_script)
+from llama_models.model import ScaledDotProductAttention
 from test_run_inference import nan_checkpoint
 
 PROMPT = "The capital of France is"
@@ -23,14 +24,7 @@ PROMPT = "The capital of France is"
 def sharp_checkpoint(tmp_path, **overrides):
     """A random tiny checkpoint whose queries and keys are 8x the usual scale: at the usual init
     every attention row is nearly uniform, which any implementation would match."""
-    model_dir = checkpoint(tmp_path, seed=5, **overrides)
-    path = model_dir / "consolidated.00.pth"
-    state_dict = torch.load(path, weights_only=True)
-    for name in state_dict:
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            state_dict[name] = state_dict[name] * 8
-    torch.save(state_dict, path)
-    return model_dir
+    return sharpened(checkpoint(tmp_path, seed=5, **overrides), 8, names=("attention.wq.weight", "attention.wk.weight"))
 
 
 def hf_eager(model_dir, args):
@@ -106,7 +100,7 @@ def test_recording_off_is_the_fused_kernel_and_the_same_logits(tmp_path, dtype):
     on = op_names(lambda: explore.record(model, tokens[0].tolist()))
     assert "aten::scaled_dot_product_attention" not in on and "aten::_softmax" in on
     # Switched off again, nothing is kept and the logits are bit for bit those of before.
-    assert all(not layer.attention.record_weights and layer.attention.weights is None for layer in model.layers)
+    assert all(type(layer.attention.attend) is ScaledDotProductAttention for layer in model.layers)
     after = run()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     if dtype == torch.bfloat16:  # recorded bf16: finite, rows of probabilities
@@ -200,8 +194,7 @@ def test_smollm2_inside_equals_transformers_eager(smollm2_dir, smollm2_fp32):
 
 
 def run_explore(*args, **kwargs):
-    return subprocess.run([sys.executable, "explore.py", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=300, **kwargs)
+    return run_script("explore.py", *args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -318,13 +311,12 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 def test_output_into_a_closed_pipe_is_no_traceback(tiny_dir):
     # `python explore.py | head -3`: the reader stops reading long before the end.
     # 2,000 token rows: more than a pipe's buffer holds.
-    process = subprocess.Popen([sys.executable, "explore.py", "--model-dir", str(tiny_dir), "--threads", "1",
-                                "--sections", "tokens", "--prompt", "x" * 2000],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_script("explore.py", "--model-dir", tiny_dir, "--threads", "1", "--sections", "tokens",
+                           "--prompt", "x" * 2000)
     process.stdout.readline()
     process.stdout.close()
     stderr = process.stderr.read()
-    assert process.wait(timeout=300) in (0, 1) and "Traceback" not in stderr, stderr
+    assert process.wait(timeout=300) == 141 and "Traceback" not in stderr, stderr  # 128 + SIGPIPE, as `yes | head`
 
 
 def test_help_shows_every_default():

@@ -3,20 +3,16 @@
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from helpers import CYCLE_TEXT, checkpoint, cycle_checkpoint, meta_transformer, tiny_params
+import helpers
+from helpers import CYCLE_TEXT, REPO, checkpoint, cycle_checkpoint, meta_transformer, tiny_params
 from llama_models import Tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def run_script(*args, home=None):
     env = None if home is None else {"HOME": str(home), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "minimal_run_inference.py", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)
+    return helpers.run_script("minimal_run_inference.py", *args, env=env)
 
 
 def meta_greedy(model_dir, prompt_tokens, n):
@@ -67,7 +63,8 @@ def test_bad_prompts_and_flags_are_one_line_errors(tmp_path):
         "error: the prompt is 5 tokens, which leaves no room for new ones in --max-seq-len 5":
             ["--prompt", "abcd", "--max-seq-len", "5"],
         "error: the prompt is empty": ["--prompt", "  "],
-        "error: --max-new-tokens and --threads must be at least 1": ["--max-new-tokens", "0"],
+        "error: --max-new-tokens must be at least 1, got 0": ["--max-new-tokens", "0"],
+        "error: --threads must be at least 1, got 0": ["--threads", "0"],  # each flag by its name
     }
     for message, args in cases.items():
         result = run_script("--model-dir", str(model_dir), *args)
@@ -81,9 +78,8 @@ def test_bad_prompts_and_flags_are_one_line_errors(tmp_path):
 
 def test_ctrl_c_keeps_the_text_and_exits_130(tmp_path):
     model_dir = cycle_checkpoint(tmp_path)
-    process = subprocess.Popen([sys.executable, "minimal_run_inference.py", "--model-dir", str(model_dir), "--prompt",
-                                "🦙", "--max-new-tokens", "100000", "--max-seq-len", "100010"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    process = helpers.start_script("minimal_run_inference.py", "--model-dir", model_dir, "--prompt", "🦙",
+                                   "--max-new-tokens", "100000", "--max-seq-len", "100010", text=False)
     first = process.stdout.read(64)  # the prompt and some generated text: generation is under way
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)

@@ -4,16 +4,13 @@ logits, greedy, sampled and beam-search tokens whatever the layout."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import llama_models
-from helpers import checkpoint
+from helpers import REPO, checkpoint
 from tools.reshard_checkpoint import reshard_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "dist_worker.py"
 
 

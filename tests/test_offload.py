@@ -11,8 +11,6 @@ import gc
 import mmap
 import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -21,12 +19,11 @@ import torch
 
 import llama_models
 import run_inference
-from helpers import greedy_logits, tiny_params
+from helpers import greedy_logits, run_script, tiny_params
 from llama_models.offload import slot_layout, streamed_tensors
 from llama_models.packed import PackedLinear, can_pack
 from tools.make_checkpoint import make_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 # 16 blocks of 6.0 MB: big enough next to a page, the OS's unit of residency, that counting
 # pages tells blocks apart, and a file (98 MB) big enough next to the kernel's readahead window.
 PARAMS = tiny_params(dim=512, n_layers=16, n_heads=8, n_kv_heads=2, multiple_of=256)
@@ -302,10 +299,6 @@ def test_a_budget_that_holds_the_whole_model_changes_nothing(model_dir, dtype):
     tokens = torch.tensor([[1, 50, 300, 7, 99]])
     with torch.inference_mode():
         assert torch.equal(budget(tokens, 0), plain(tokens, 0))
-
-
-def run_script(script, *args):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
 # Runs a script as `python SCRIPT ARGS` would, then prints the process's peak RSS (VmHWM: this

@@ -3,36 +3,19 @@ logits warpers, streaming, the command line end to end."""
 
 import json
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import llama_models
 import run_inference
-from helpers import (CYCLE_TEXT, checkpoint, cycle_checkpoint, fp32_state_dict, hf_llama, interrupt_while_loading,
-                     memory_test_checkpoint)
-from llama_models import ModelArgs
+import helpers
+from helpers import (CYCLE_TEXT, REPO, checkpoint, cycle_checkpoint, finish, fp32_state_dict, hf_llama,
+                     interrupt_while_loading, memory_test_checkpoint, run_script, sharpened)
+from llama_models import ModelArgs, generation
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_BEAMS = 5
-
-
-def sharpened_checkpoint(tmp_path, seed):
-    """A random tiny checkpoint whose output layer is 10x the usual scale.
-
-    At the usual init the next-token distribution is nearly flat (log-probs within 1e-3 of each
-    other), so candidates' scores could tie within float32 noise and the two implementations could
-    legitimately rank them differently. Larger logits spread them apart, and the beams diverge.
-    """
-    model_dir = checkpoint(tmp_path, seed=seed)
-    path = model_dir / "consolidated.00.pth"
-    state_dict = torch.load(path, weights_only=True)
-    state_dict["output.weight"] = state_dict["output.weight"] * 10
-    torch.save(state_dict, path)
-    return model_dir
 
 
 def ours_and_hf(model_dir, max_batch_size=MAX_BEAMS, max_seq_len=64):
@@ -48,7 +31,7 @@ def tiny(tmp_path_factory):
     """Two sharpened tiny models, ours and transformers', with a prompt each."""
     models = []
     for seed in (1, 2):
-        model, tokenizer, hf = ours_and_hf(sharpened_checkpoint(tmp_path_factory.mktemp(f"seed{seed}"), seed))
+        model, tokenizer, hf = ours_and_hf(sharpened(checkpoint(tmp_path_factory.mktemp(f"seed{seed}"), seed=seed)))
         models.append((model, hf, tokenizer.encode(f"Seed {seed}: once upon", bos=True, eos=False)))
     return models
 
@@ -113,14 +96,14 @@ def test_greedy_equals_transformers(tiny):
                 theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                      do_sample=False, max_new_tokens=20, eos_token_id=stop_tokens or None,
                                      pad_token_id=0)[0, len(prompt):].tolist()
-            ours = list(run_inference.greedy(model, prompt, max_new_tokens=20, stop_tokens=stop_tokens))
+            ours = list(generation.greedy(model, prompt, max_new_tokens=20, stop_tokens=stop_tokens))
             assert ours == theirs
 
 
 def test_sampling_with_temperature_zero_is_greedy(tiny):
     model, _, prompt = tiny[0]
-    greedy = list(run_inference.greedy(model, prompt, max_new_tokens=10, stop_tokens=[]))
-    sampled = run_inference.sample(model, prompt, max_new_tokens=10, stop_tokens=[], temperature=0, top_k=0,
+    greedy = list(generation.greedy(model, prompt, max_new_tokens=10, stop_tokens=[]))
+    sampled = generation.sample(model, prompt, max_new_tokens=10, stop_tokens=[], temperature=0, top_k=0,
                                    top_p=1.0, seed=0)
     assert list(sampled) == greedy
 
@@ -129,7 +112,7 @@ def test_seed_makes_sampling_reproducible(tiny):
     model, _, prompt = tiny[0]
 
     def draw(seed):
-        return list(run_inference.sample(model, prompt, max_new_tokens=20, stop_tokens=[], temperature=1.0,
+        return list(generation.sample(model, prompt, max_new_tokens=20, stop_tokens=[], temperature=1.0,
                                          top_k=0, top_p=0.95, seed=seed))
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
@@ -160,7 +143,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     # noise of a boundary between two tokens, or either answer would be right.
     mass = hf_sampling_distribution(logits, temperature, top_k, 1.0).sort(descending=True).values.cumsum(dim=0)
     assert (mass - top_p).abs().min() > 1e-4 or top_p == 1.0
-    ours = run_inference.sampling_distribution(logits, temperature, top_k, top_p)
+    ours = generation.sampling_distribution(logits, temperature, top_k, top_p)
     theirs = hf_sampling_distribution(logits, temperature, top_k, top_p)
     assert (ours - theirs).abs().max() < 1e-6
     assert 0 < (ours > 0).sum() < 1000 or (top_k == 0 and top_p == 1.0)
@@ -184,10 +167,9 @@ def cycle_dir(tmp_path_factory):
 def test_streamed_text_equals_decoded_text(cycle_dir, n):
     model, tokenizer = llama_models.load(cycle_dir, device="cpu", max_seq_len=64)
     prompt = tokenizer.encode("🦙", bos=True, eos=False)
-    pieces = []
-    tokens = run_inference.stream_text(
-        tokenizer, run_inference.greedy(model, prompt, max_new_tokens=n, stop_tokens=tokenizer.stop_tokens),
-        tokenizer.stop_tokens, pieces.append)
+    text = generation.TextStream(tokenizer)
+    tokens = list(generation.greedy(model, prompt, max_new_tokens=n, stop_tokens=tokenizer.stop_tokens))
+    pieces = [text.add(token) for token in tokens] + [text.end()]
     assert bytes(tokens) == cycle_continuation(prompt[-1], n)
     assert "".join(pieces) == tokenizer.decode(tokens)
     assert "".join(pieces) == cycle_continuation(prompt[-1], n).decode(errors="replace")
@@ -197,13 +179,7 @@ def test_streamed_text_equals_decoded_text(cycle_dir, n):
 # --- the command line, in subprocesses ----------------------------------------------------------
 
 def start_script(*args):
-    return subprocess.Popen([sys.executable, "run_inference.py", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(process):
-    stdout, stderr = process.communicate(timeout=300)
-    return process.returncode, stdout, stderr
+    return helpers.start_script("run_inference.py", *args)
 
 
 def test_each_decoding_mode_end_to_end(cycle_dir, tmp_path):
@@ -303,8 +279,7 @@ def nan_checkpoint(tmp_path):
 @pytest.mark.parametrize("script, extra", [("run_inference.py", []), ("run_inference.py", ["--decoding", "beam"]),
                                            ("minimal_run_inference.py", [])])
 def test_non_finite_logits_stop_with_one_line(tmp_path, script, extra):
-    result = subprocess.run([sys.executable, script, "--model-dir", str(nan_checkpoint(tmp_path)), "--prompt",
-                             "Once upon a time", *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = run_script(script, "--model-dir", nan_checkpoint(tmp_path), "--prompt", "Once upon a time", *extra)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == (f"error: the model's logits at position {len('Once upon a time') + 1} "
                                               f"are not finite (NaN or inf); the checkpoint's weights may hold "
@@ -323,22 +298,20 @@ def test_ctrl_c_while_loading_is_one_line_and_exit_130(tmp_path, script):
 
 @pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
 def test_prompt_from_a_file_or_standard_input(cycle_dir, tmp_path, script):
-    common = [sys.executable, script, "--model-dir", str(cycle_dir), "--max-new-tokens", "5", "--threads", "1"]
+    common = [script, "--model-dir", cycle_dir, "--max-new-tokens", "5", "--threads", "1"]
     if script == "run_inference.py":
         common.append("--no-chat")
     expected = "🦙" + cycle_continuation(CYCLE_TEXT.encode()[3], 5).decode(errors="replace") + "\n"
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("🦙\n")  # the newline that ends a file is not part of the prompt
-    from_file = subprocess.run([*common, "--prompt-file", str(prompt_file)], capture_output=True, text=True, cwd=REPO)
-    from_stdin = subprocess.run([*common, "--prompt-file", "-"], input="🦙\n", capture_output=True, text=True, cwd=REPO)
-    ignored = subprocess.run([*common, "--prompt", "🦙"], input="something else", capture_output=True, text=True,
-                             cwd=REPO)
+    from_file = run_script(*common, "--prompt-file", prompt_file)
+    from_stdin = run_script(*common, "--prompt-file", "-", input="🦙\n")
+    ignored = run_script(*common, "--prompt", "🦙", input="something else")
     for result in (from_file, from_stdin, ignored):
         assert result.returncode == 0 and result.stdout == expected, result.stderr
     assert "note: standard input is not read; pass --prompt-file - to use it as the prompt" in ignored.stderr
-    empty = subprocess.run([*common, "--prompt-file", "-"], input="\n", capture_output=True, text=True, cwd=REPO)
-    missing = subprocess.run([*common, "--prompt-file", str(tmp_path / "nope.txt")], capture_output=True, text=True,
-                             cwd=REPO)
+    empty = run_script(*common, "--prompt-file", "-", input="\n")
+    missing = run_script(*common, "--prompt-file", tmp_path / "nope.txt")
     assert empty.returncode == 1 and empty.stderr == "error: the prompt in - is empty\n"
     assert missing.returncode == 1 and missing.stderr.startswith(f"error: cannot read the prompt from {tmp_path}")
     if script == "run_inference.py":
@@ -348,7 +321,7 @@ def test_prompt_from_a_file_or_standard_input(cycle_dir, tmp_path, script):
 @pytest.mark.parametrize("script, max_new_tokens", [("run_inference.py", 32), ("minimal_run_inference.py", 32),
                                                     ("chat.py", 512)])
 def test_help_shows_every_default(script, max_new_tokens):
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)
+    result = run_script(script, "--help")
     assert result.returncode == 0
     assert f"(default: {max_new_tokens})" in result.stdout and "(default: 2048)" in result.stdout
     # threads: one per core but one, so that a busy machine does not stall every matrix product

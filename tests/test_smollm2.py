@@ -170,12 +170,12 @@ def test_every_dtype_and_quantization_gives_finite_logits(smollm2_dir, smollm2):
 
 
 def test_summary_counts_parameters_as_the_checkpoint_defines_them(smollm2_dir, hf_model):
-    import run_inference
+    from llama_models.report import model_summary
 
     for pack in (True, False):
         # float32: packed on every x86 CPU with oneDNN (bf16 packs only with AVX512)
         model, _ = llama_models.load(smollm2_dir, device="cpu", dtype=torch.float32, pack=pack, max_seq_len=64)
-        summary = run_inference.model_summary(model)
+        summary = model_summary(model)
         # transformers counts the tied embedding and output head once: 134.5M.
         assert f"model: {hf_model.num_parameters() / 1e6:.1f}M parameters" in summary
         # A packed output head is a copy of the 49152 x 576 embedding: shown as memory.

@@ -6,37 +6,15 @@ import itertools
 import random
 import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import llama_models
-import run_inference
-import speculative
-from helpers import checkpoint, cycle_checkpoint, tiny_params
+import helpers
+from helpers import checkpoint, cycle_checkpoint, finish, sharpened, tiny_params
+from llama_models import generation, speculative
 from tools.make_checkpoint import make_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def sharpened(model_dir, scale=10.0, dtype=None):
-    """Scale the output layer (and optionally store the file in another dtype) in place.
-
-    At the usual init the next-token distribution is nearly flat, so two tokens' logits can sit
-    within rounding of each other, and a (k+1)-position pass may legitimately break the tie
-    differently from a one-token step. Larger logits spread them apart.
-    """
-    path = model_dir / "consolidated.00.pth"
-    state_dict = torch.load(path, weights_only=True)
-    state_dict["output.weight"] = state_dict["output.weight"] * scale
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    torch.save(state_dict, path)
-    return model_dir
-
 
 def load32(model_dir, **kwargs):
     model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=128, **kwargs)
@@ -66,12 +44,12 @@ def plain_greedy(model, prompt, max_new_tokens, stop_tokens=()):
     """Plain greedy's tokens, and the smallest gap between the best and second-best logit it saw."""
     gaps = []
 
-    def on_step(logits, token):
+    def on_token(logits, token):
         top = logits.topk(2).values
         gaps.append(float(top[0] - top[1]))
 
-    tokens = list(run_inference.greedy(model, prompt, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                                       on_step=on_step))
+    tokens = list(generation.greedy(model, prompt, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                                    on_token=on_token))
     return tokens, min(gaps)
 
 
@@ -168,7 +146,7 @@ def test_after_rejections_the_logits_equal_a_fresh_prefill(models):
             return guesses, probs
 
     tokens, passes = run_speculative(target, Recorded(models["noisy"]), prompt, 3, 30,
-                                     on_step=lambda logits, token: seen.append((logits.clone(), token)))
+                                     on_token=lambda logits, token: seen.append((logits.clone(), token)))
     assert sum(kept < len(guesses) for guesses, kept in passes[:-1]) >= 2  # rejections, then more passes
     fresh, _ = load32(models["target_dir"])  # the same weights, a cache used for nothing else
     with torch.inference_mode():
@@ -178,7 +156,7 @@ def test_after_rejections_the_logits_equal_a_fresh_prefill(models):
     # The draft's cache too: after its rejected guesses, it guesses what a fresh copy of it would.
     fresh_draft, _ = load32(models["noisy_dir"])
     for text, guesses in calls:
-        assert guesses == list(run_inference.greedy(fresh_draft, text, max_new_tokens=len(guesses), stop_tokens=[]))
+        assert guesses == list(generation.greedy(fresh_draft, text, max_new_tokens=len(guesses), stop_tokens=[]))
 
 
 # --- sampling: the rule's output distribution, exactly -------------------------------------------
@@ -341,7 +319,7 @@ def test_the_residual_is_what_rejection_leaves_out():
 
 def test_seed_makes_speculative_sampling_reproducible(models):
     target, prompt = models["target"], models["prompt"]
-    distribution = lambda logits: run_inference.sampling_distribution(logits, 1.0, 0, 0.95)  # noqa: E731
+    distribution = lambda logits: generation.sampling_distribution(logits, 1.0, 0, 0.95)  # noqa: E731
     for make in (lambda: speculative.DraftModel(models["noisy"]), speculative.PromptLookup):
         def draw(seed):
             return run_speculative(target, make(), prompt, 3, 24, distribution=distribution, seed=seed)[0]
@@ -357,13 +335,7 @@ def cycle_dir(tmp_path_factory):
 
 
 def start_script(*args):
-    return subprocess.Popen([sys.executable, "run_inference.py", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(process):
-    stdout, stderr = process.communicate(timeout=300)
-    return process.returncode, stdout, stderr
+    return helpers.start_script("run_inference.py", *args)
 
 
 def test_speculative_end_to_end_prints_greedy_text_and_its_stats(cycle_dir):
@@ -372,8 +344,8 @@ def test_speculative_end_to_end_prints_greedy_text_and_its_stats(cycle_dir):
     runs = {  # all at once: each run is mostly Python and torch starting up
         "greedy": start_script(*plain),
         "prompt lookup": start_script(*spec, "--draft", "prompt-lookup", "--draft-tokens", "3"),
-        "draft int8": start_script(*spec, "--draft-model-dir", str(cycle_dir), "--draft-quantize", "int8"),
-        "show-top": start_script(*spec, "--draft-model-dir", str(cycle_dir), "--draft-tokens", "5", "--show-top", "2"),
+        "draft int8": start_script(*spec, "--draft", str(cycle_dir), "--draft-quantize", "int8"),
+        "show-top": start_script(*spec, "--draft", str(cycle_dir), "--draft-tokens", "5", "--show-top", "2"),
         "sample": start_script(*spec[:-1], "speculative-sample", "--draft", "prompt-lookup", "--temperature", "1.0",
                                "--top-p", "0.5", "--seed", "3"),
     }
@@ -421,16 +393,16 @@ def test_a_draft_with_another_vocabulary_is_one_line(cycle_dir, tmp_path):
     common = ["--model-dir", str(cycle_dir), "--no-chat", "--decoding", "speculative"]
     expected = {
         f"error: the draft model in {other_vocab} has a vocabulary of 600 tokens, the model 512: speculative "
-        f"decoding needs the same tokenizer": ["--draft-model-dir", str(other_vocab)],
+        f"decoding needs the same tokenizer": ["--draft", str(other_vocab)],
         f"error: the draft model in {other_tokenizer} has a different tokenizer from the model in {cycle_dir}: "
-        f"speculative decoding needs the same one": ["--draft-model-dir", str(other_tokenizer)],
-        "error: --decoding speculative needs a proposer: --draft-model-dir DIR or --draft prompt-lookup": [],
+        f"speculative decoding needs the same one": ["--draft", str(other_tokenizer)],
+        "error: --decoding speculative needs a proposer: --draft DIR or --draft prompt-lookup": [],
         "error: --draft-tokens must be at least 1, got 0": ["--draft", "prompt-lookup", "--draft-tokens", "0"],
-        "error: --draft prompt-lookup uses no draft model: drop --draft-model-dir and --draft-quantize":
+        "error: --draft prompt-lookup uses no draft model: drop --draft-quantize":
             ["--draft", "prompt-lookup", "--draft-quantize", "int4"],
     }
     runs = {message: start_script(*common, *extra) for message, extra in expected.items()}
-    missing = start_script(*common, "--draft-model-dir", str(tmp_path / "nowhere"))
+    missing = start_script(*common, "--draft", str(tmp_path / "nowhere"))
     for message, process in runs.items():
         code, stdout, stderr = finish(process)
         assert code == 1 and stderr == message + "\n" and stdout == "", (message, stderr)

@@ -1,8 +1,8 @@
 """Speculative decoding, annotated: a cheap proposer guesses k tokens, the model checks them in one pass.
 
     python run_inference.py --decoding speculative --draft prompt-lookup --prompt-file essay.txt
-    python run_inference.py --decoding speculative --draft-model-dir DIR --draft-quantize int4
-    python run_inference.py --decoding speculative-sample --draft-model-dir DIR --temperature 0.7
+    python run_inference.py --decoding speculative --draft DIR --draft-quantize int4
+    python run_inference.py --decoding speculative-sample --draft DIR --temperature 0.7
 
 Decoding one token reads every weight of the model once. Where that read is the cost (a CPU is
 bound by memory bandwidth; with --max-memory, by the disk), a forward pass over k + 1 positions
@@ -37,14 +37,13 @@ from typing import Callable, Optional
 
 import torch
 
-from llama_models import cli
+from .generation import check_finite, hand_out
 
 # Prompt lookup: try the last PROMPT_LOOKUP_MAX_NGRAM tokens first, then shorter tails down to
 # PROMPT_LOOKUP_MIN_NGRAM. A longer match is more context agreeing, so likelier to continue alike.
 # Not down to 1: a single token (" the", ",") has been seen before almost everywhere, and what
-# followed it then is rarely what follows now. On SmolLM2 writing a story (96 tokens, k = 4),
-# 1-token matches made 133 guesses of which 11 passed; from 2 tokens on, 28 guesses, 8 passed. A
-# wrong guess is not free: it widens the pass (benchmarks/RESULTS-speculative.md).
+# followed it then is rarely what follows now; and a wrong guess is not free: it widens the pass
+# (measured: docs/speculative.md, "Prompt lookup's n-grams").
 PROMPT_LOOKUP_MAX_NGRAM = 3
 PROMPT_LOOKUP_MIN_NGRAM = 2
 
@@ -174,14 +173,12 @@ class DraftModel:
         keep, limit = 0, min(len(self.cached), len(tokens) - 1)
         while keep < limit and self.cached[keep] == tokens[keep]:
             keep += 1
-        device = self.model.tok_embeddings.weight.device
-        logits = self.model(torch.tensor([tokens[keep:]], device=device), start_pos=keep)[0, -1]  # (V,)
+        logits = self.model(torch.tensor([tokens[keep:]], device=self.model.device), start_pos=keep)[0, -1]  # (V,)
         self.cached = list(tokens)
         return logits
 
     def propose(self, tokens: list[int], k: int, distribution=None, draws=None):
         """k guesses after `tokens`, and the k (V,) distributions they were drawn from (None: greedy)."""
-        device = self.model.tok_embeddings.weight.device
         logits = self.prefill(tokens)
         guesses, probs = [], []
         for i in range(k):
@@ -192,7 +189,7 @@ class DraftModel:
                 guess = draws.draw(probs[-1])
             guesses.append(guess)
             if i + 1 < k:  # the last guess need not go in: its logits would be the (k+1)-th guess's
-                logits = self.model.decode_step(torch.tensor([[guess]], device=device),
+                logits = self.model.decode_step(torch.tensor([[guess]], device=self.model.device),
                                                 start_pos=len(self.cached))[0, -1]
                 self.cached.append(guess)
         return guesses, (probs if distribution is not None else None)
@@ -236,7 +233,7 @@ class PromptLookup:
 @torch.inference_mode()
 def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens, draft_tokens: int,
                 distribution: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, seed: int = 0,
-                on_step=None, on_pass=None):
+                on_token=None, on_pass=None):
     """Yield the tokens of greedy decoding (distribution=None) or of sampling, k guesses checked per pass.
 
     Args:
@@ -246,34 +243,29 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
         max_new_tokens: the most tokens to yield.
         stop_tokens: ids that end the text; a stop token, if hit, comes last.
         draft_tokens: k, the most guesses per pass.
-        distribution: None for greedy, else logits -> probabilities (run_inference.sampling_distribution
-            with the user's settings): the text is then distributed as sample()'s.
+        distribution: None for greedy, else logits -> probabilities (generation.sampling_distribution
+            with the user's settings): the text is then distributed as generation.sample()'s.
         seed: the draws' seed, sampling only.
-        on_step: called as on_step(logits, token) for each token yielded, logits (V,) float32: the
-            model's prediction the token was chosen from, as in run_inference.greedy().
+        on_token: called as on_token(logits, token) for each token yielded, logits (V,) float32:
+            the model's prediction the token was chosen from, as in generation.greedy().
         on_pass: called as on_pass(guesses, n_kept) after each verification pass.
     """
-    device, dtype = model.tok_embeddings.weight.device, model.norm.weight.dtype
-    draws = Draws(seed, device) if distribution is not None else None
+    draws = Draws(seed, model.device) if distribution is not None else None
 
     def choose(logits):
         return int(logits.argmax()) if distribution is None else draws.draw(distribution(logits))
 
     # Prefill both: the model's first token comes from its prompt pass, as in plain decoding.
-    logits = model(torch.tensor([prompt_tokens], device=device), start_pos=0)[0, -1]  # (V,)
-    cli.check_finite(logits, len(prompt_tokens), dtype)
+    logits = model(torch.tensor([prompt_tokens], device=model.device), start_pos=0)[0, -1]  # (V,)
+    check_finite(logits, len(prompt_tokens), model.dtype)
     proposer.prefill(prompt_tokens)
     token = choose(logits)
-    if on_step:
-        on_step(logits, token)
-    yield token
-    if token in stop_tokens:
+    if (yield from hand_out(logits, token, stop_tokens, on_token)):
         return
     tokens = [*prompt_tokens, token]
-    n_new = 1
-    while n_new < max_new_tokens:
+    while len(tokens) - len(prompt_tokens) < max_new_tokens:
         # A pass yields at most k + 1 tokens: never guess past max_new_tokens (or the cache's end).
-        k = min(draft_tokens, max_new_tokens - n_new - 1)
+        k = min(draft_tokens, max_new_tokens - (len(tokens) - len(prompt_tokens)) - 1)
         guesses, draft_probs = proposer.propose(tokens, k, distribution, draws) if k else ([], None)
 
         # Verify. The model's cache holds positions < len(tokens) - 1: the last token has not
@@ -286,8 +278,8 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
         # Transformer.forward). A stale entry beyond is never read before something overwrites
         # it: "rolling back" is just choosing start_pos. The draft's cache works the same way.
         start = len(tokens) - 1
-        logits = model(torch.tensor([[tokens[-1], *guesses]], device=device), start_pos=start)[0]  # (k+1, V)
-        cli.check_finite(logits, start + 1, dtype)
+        logits = model(torch.tensor([[tokens[-1], *guesses]], device=model.device), start_pos=start)[0]  # (k+1, V)
+        check_finite(logits, start + 1, model.dtype)
         if distribution is None:
             new = verify_greedy(logits, guesses)
         else:
@@ -295,13 +287,9 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
         if on_pass:
             on_pass(guesses, len(new) - 1)
         for i, token in enumerate(new):  # row i of the logits is the one token i was chosen from
-            if on_step:
-                on_step(logits[i], token)
-            yield token
-            if token in stop_tokens:
+            if (yield from hand_out(logits[i], token, stop_tokens, on_token)):
                 return  # guesses kept after a stop token are not part of the text
         tokens += new
-        n_new += len(new)
 
 
 def check_same_vocabulary(model_dir, draft_dir, model, draft) -> None:
