@@ -27,9 +27,10 @@ $(VENV)/.runtime: requirements.txt
 	$(PIP) -r requirements.txt
 	touch $@
 
+# The dev requirements include the converter's: .convert is then satisfied too.
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-convert.txt requirements-explore.txt
 	$(PIP) -r requirements-dev.txt
-	touch $@
+	touch $@ $(VENV)/.convert
 
 $(VENV)/.convert: $(VENV)/.runtime requirements-convert.txt
 	$(PIP) -r requirements-convert.txt
@@ -58,8 +59,10 @@ $(SMOLLM2_DIR): | $(VENV)/.convert $(SMOLLM2_GGUF)
 demo: $(SMOLLM2_DIR)
 	$(PY) run_inference.py --model-dir $(SMOLLM2_DIR) --chat --prompt "What is the capital of France?"
 
+# `set -m`: chat.py runs as a job of its own, which the terminal's Ctrl-C reaches and make does
+# not (make would end with "Interrupt", status 130, after chat.py itself left with 0).
 chat: $(SMOLLM2_DIR)
-	$(PY) chat.py --model-dir $(SMOLLM2_DIR)
+	set -m 2>/dev/null; $(PY) chat.py --model-dir $(SMOLLM2_DIR)
 
 # --- Benchmarks (never in CI: llama-cpp-python builds llama.cpp from source, once) ---
 BENCH := benchmarks/work

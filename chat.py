@@ -161,7 +161,8 @@ def respond(model, tokenizer, conversation: Conversation, turn: Turn, sampling: 
 
 
 def read_message(interactive: bool) -> Optional[str]:
-    """The next message or command: a line, or a block between \"\"\" lines; None at the end of input."""
+    """The next message or command as typed (a line, or a block between \"\"\" lines); None at the end
+    of input. Not stripped: a line that begins with a space is a message, even one like " /etc"."""
 
     def line(prompt):
         if interactive:
@@ -184,7 +185,11 @@ def read_message(interactive: bool) -> Optional[str]:
         except EOFError:  # the input ended inside the block: so does the block
             pass
         text = "\n".join(lines)
-    return text.strip()
+    return text
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def shared_message(interactive: bool) -> Optional[str]:
@@ -222,7 +227,8 @@ def run_command(line: str, conversation: Conversation, stats, device) -> bool:
                   f"{turn.start_pos + len(turn.tokens) - 1}; the cache held the {turn.start_pos} before them",
                   file=sys.stderr)
         print(f"context: {len(conversation.tokens)} of {conversation.max_seq_len} positions used "
-              f"({len(conversation.messages)} messages; a reply needs room for {conversation.max_new_tokens})",
+              f"({plural(len(conversation.messages), 'message')}; a reply needs room for "
+              f"{conversation.max_new_tokens})",
               file=sys.stderr)
     elif name in ("/save", "/load") and not argument:
         print(f"[{name} needs a file name: {name} FILE]", file=sys.stderr)
@@ -233,7 +239,7 @@ def run_command(line: str, conversation: Conversation, stats, device) -> bool:
             except OSError as e:
                 print(f"[cannot save to {argument}: {e.strerror}]", file=sys.stderr)
                 return True
-        print(f"[saved {len(conversation.messages)} messages to {argument}]", file=sys.stderr)
+        print(f"[saved {plural(len(conversation.messages), 'message')} to {argument}]", file=sys.stderr)
     elif name == "/load":
         try:
             messages = json.loads(Path(argument).read_text())
@@ -244,7 +250,7 @@ def run_command(line: str, conversation: Conversation, stats, device) -> bool:
             print(f"[cannot load {argument}: {getattr(e, 'strerror', None) or e}]", file=sys.stderr)
             return True
         conversation.restart([{"role": m["role"], "content": m["content"]} for m in messages])
-        print(f"[loaded {len(messages)} messages from {argument}; the next message feeds them to the model]",
+        print(f"[loaded {plural(len(messages), 'message')} from {argument}; the next message feeds them to the model]",
               file=sys.stderr)
     else:
         print(f"[unknown command {name}: /help lists them; to send a message starting with /, "
@@ -294,18 +300,18 @@ def main(argv=None):
         print(model.block_streamer, file=sys.stderr)
     sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
                 if args.decoding == "sample" else {})
-    replies = converse(model, tokenizer, conversation, sampling, args.compile, load_s, interactive)
-    if not interactive and not replies:
+    messages = converse(model, tokenizer, conversation, sampling, args.compile, load_s, interactive)
+    if not interactive and not messages:
         print("[standard input held no message: nothing to answer]", file=sys.stderr)
 
 
 def converse(model, tokenizer, conversation: Conversation, sampling: dict, compiled: bool, load_s: float,
              interactive: bool) -> int:
-    """Read a message, answer it, until /bye or the end of input; return the number of replies.
+    """Read a message, answer it, until /bye or the end of input; return how many messages came.
 
     sampling: {} for greedy, else generation.sample()'s arguments, the seed that of the first reply.
     """
-    stats, replies = None, 0
+    stats, messages, replies = None, 0, 0
     while True:
         try:
             line = shared_message(interactive)
@@ -313,15 +319,16 @@ def converse(model, tokenizer, conversation: Conversation, sampling: dict, compi
             print("\n[Ctrl-C stops a reply; to leave: /bye or Ctrl-D]", file=sys.stderr)
             continue
         if line is None:
-            return replies
-        if not line:
-            continue
-        if line.startswith("/"):
+            return messages
+        if line.startswith("/"):  # a command; " /..." is a message
             if not run_command(line, conversation, stats, model.device):
-                return replies
+                return messages
             continue
+        if not line.strip():
+            continue
+        messages += 1
         try:
-            turn = conversation.next_turn(line)
+            turn = conversation.next_turn(line.strip())
         except ValueError as e:
             print(f"[{e}]", file=sys.stderr)
             continue

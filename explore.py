@@ -159,7 +159,7 @@ def logit_lens(model, hidden: torch.Tensor) -> torch.Tensor:
     # Belrose et al. 2023), so a low rank early on does not prove the information is absent. And
     # with tied embeddings (SmolLM2) the embedding's own row is its best match: the lens of the
     # input embeddings predicts the input token itself.
-    return model.output(model.norm(hidden)).float().softmax(dim=-1)
+    return model.output_logits(model.norm(hidden)).softmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,6 +245,8 @@ def load(args):
         args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
         device = cli.start(args.threads, args.device)
         args.model_dir = cli.checkpoint_dir(args.model_dir)
+        if args.chat is None:
+            args.chat = "instruct" in args.model_dir.name.lower()
         start = time.perf_counter()
         draft = None
         if args.draft == "prompt-lookup":
@@ -318,8 +320,8 @@ def on_pass(stats: Stats, tokenizer, show: int):
             print("pass: no guesses (a plain step)", flush=True)
             return
         shown = [generation.token_text(tokenizer, t) for t in guesses]
-        rejected = f"  rejected {' '.join(shown[kept:])}" if kept < len(guesses) else ""
-        print(f"pass: {kept}/{len(guesses)} guesses accepted  {' '.join(shown[:kept]) or '-'}{rejected}", flush=True)
+        dropped = f"  dropped {' '.join(shown[kept:])}" if kept < len(guesses) else ""  # rejected, or after the end
+        print(f"pass: {kept}/{len(guesses)} guesses accepted  {' '.join(shown[:kept]) or '-'}{dropped}", flush=True)
     return on_pass
 
 
@@ -378,8 +380,6 @@ def parse_args(argv=None):
         help="print each step: the chosen token and the N most likely (beam: the N best candidates)")
     args = parser.parse_args(argv)
     args.early_stopping = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-    if args.chat is None:
-        args.chat = "instruct" in args.model_dir.name.lower()
     return args
 
 

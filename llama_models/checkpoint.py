@@ -11,7 +11,7 @@ import torch
 
 from . import offload
 from .args import ModelArgs
-from .device import default_dtype, resolve_device
+from .device import available_memory, default_dtype, resolve_device
 from .distributed import init_distributed
 from .model import Transformer
 from .packed import can_pack, pack_linears
@@ -170,7 +170,9 @@ def load(
     model_dir = Path(model_dir).expanduser()
     args, tokenizer, shards = read(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     init_distributed(device)
+    check_cache_fits(args, device, dtype)
     model = build(args, this_process_share(shards, args, model_dir), model_dir)
+    model.vocab_in_use = tokenizer.n_words
     stream = choose_form(model, model_dir, device, dtype, quantize, max_memory, pack)
     # Place: the cache allocated and everything moved to the device, in dtype.
     model.setup_cache(device, dtype)
@@ -201,6 +203,27 @@ def read(model_dir: Path, **runtime) -> tuple[ModelArgs, Tokenizer, list[dict]]:
         if shard.keys() != shards[0].keys():
             raise CheckpointError(f"{path} and {paths[0]} hold different tensor names")
     return args, tokenizer, shards
+
+
+def check_cache_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError, before allocating anything, if the KV cache (and the RoPE table) of
+    max_seq_len positions would not fit in the memory the device has free: the kernel would
+    otherwise kill the process part-way, with no message."""
+    available = available_memory(device)
+    if available is None:
+        return
+    world_size = fs_init.get_model_parallel_world_size()
+    kv_heads = max(args.n_kv_heads, world_size) // world_size  # this process's share (Attention)
+    # Keys and values, every layer, every batch row, in dtype; the RoPE table's cos and sin in float32.
+    per_position = (2 * args.n_layers * args.max_batch_size * kv_heads * args.head_dim * dtype.itemsize
+                    + args.head_dim * 4)
+    if per_position * args.max_seq_len <= available:
+        return
+    rows = f" x {args.max_batch_size} rows" if args.max_batch_size > 1 else ""
+    raise ValueError(f"a KV cache of {args.max_seq_len} positions{rows} (max_seq_len) would take "
+                     f"{per_position * args.max_seq_len / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+                     f"of memory free on {device}; at most {available // per_position} positions fit there, fewer "
+                     f"beside the weights: lower --max-seq-len")
 
 
 def this_process_share(shards: list[dict], args: ModelArgs, model_dir: Path) -> dict:

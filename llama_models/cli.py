@@ -169,13 +169,19 @@ To see the scripts work right now with a small open model, run `make demo`."""
 
 
 def checkpoint_dir(model_dir: Path) -> Path:
-    """model_dir, checked to hold a checkpoint; else ValueError saying where to get one, or, when
-    its folder holds other checkpoints, their names (a typo is likelier than a missing download)."""
+    """model_dir, checked to hold a checkpoint. The model you have is the default: when model_dir
+    is the default one and missing, and LLAMA_MODELS_DIR holds exactly one checkpoint, that one
+    (say so). Else ValueError saying where to get one, or, when its folder holds other
+    checkpoints, their names (a typo is likelier than a missing download)."""
     model_dir = Path(model_dir).expanduser()
     if (model_dir / "params.json").is_file():
         return model_dir
     if not model_dir.exists():
         others = sorted(p.parent.name for p in model_dir.parent.glob("*/params.json"))
+        if model_dir == LLAMA_MODELS_DIR / MODEL_NAME and len(others) == 1:
+            print(f"note: no {MODEL_NAME} in {LLAMA_MODELS_DIR}; using {others[0]}, the one checkpoint there "
+                  f"(--model-dir chooses)", file=sys.stderr)
+            return model_dir.parent / others[0]
         if others:
             close = difflib.get_close_matches(model_dir.name, others, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
@@ -206,6 +212,7 @@ def run(main) -> None:
     """
     try:
         main()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT

@@ -1,4 +1,7 @@
-"""Which device to run on, and the dtype that suits it."""
+"""Which device to run on, the dtype that suits it, and how much memory it has free."""
+
+import os
+from typing import Optional
 
 import torch
 
@@ -35,3 +38,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a new allocation on `device` can take without pushing anything out: free GPU memory,
+    or Linux's MemAvailable (free RAM plus caches it can drop). None where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None

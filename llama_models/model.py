@@ -220,6 +220,9 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer, so that model.to(bfloat16) cannot round the angles:
         # positions in the thousands need float32. forward() moves it to the tokens' device.
         self.rope = rope_table(args)  # (max_seq_len, Hd/2, 2)
+        # Ids 0 .. vocab_in_use - 1 are the tokenizer's; load() lowers it for a checkpoint whose
+        # vocabulary is padded beyond its tokenizer (rows never trained, ids nothing decodes).
+        self.vocab_in_use = args.vocab_size
         self.compiled_step = None  # the compiled decode step, once compile_decode_step() made it
         # Set by llama_models.load when the blocks are streamed from disk (llama_models.offload):
         # the BlockStreamer that reads them in; it prints what it holds.
@@ -288,8 +291,15 @@ class Transformer(nn.Module):
         rope = self.rope[positions]  # (S, Hd/2, 2)
         for layer in self.layers:
             h = layer(h, positions, kv_len, rope, mask)
-        h = self.norm(h)
-        return self.output(h).float()  # (B, S, V)
+        return self.output_logits(self.norm(h))
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head: (..., D) final-norm states -> (..., V) float32 scores, one per id."""
+        logits = self.output(h).float()  # (..., V)
+        if self.vocab_in_use < logits.shape[-1]:
+            # Ids the tokenizer does not have get the lowest score: never chosen, probability 0.
+            logits[..., self.vocab_in_use:] = torch.finfo(logits.dtype).min
+        return logits
 
     def compile_decode_step(self) -> None:
         """Make decode_step() run a torch.compile'd step: one graph for every decode step.

@@ -41,8 +41,11 @@ def model_summary(model) -> str:
             dtype += f", {name} linear weights"
     if PackedLinear in kinds:
         dtype += ", linear weights packed for oneDNN"
+    padding = args.vocab_size - model.vocab_in_use
+    vocab = f"{args.vocab_size}" + (f" ({padding} ids beyond the tokenizer's {model.vocab_in_use}: never chosen)"
+                                    if padding else "")
     return (f"model: {n_params / 1e6:.1f}M parameters, {args.n_layers} layers, dim {args.dim}, "
-            f"{args.n_heads} heads / {args.n_kv_heads} kv heads of {args.head_dim}, vocab {args.vocab_size}, "
+            f"{args.n_heads} heads / {args.n_kv_heads} kv heads of {args.head_dim}, vocab {vocab}, "
             f"{dtype}\n"
             f"memory: weights {weight_bytes / 2**20:.1f} MiB{copy_note} + KV cache {cache_bytes / 2**20:.1f} MiB "
             f"({args.max_batch_size} x {args.max_seq_len} positions)")

@@ -285,10 +285,13 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
         else:
             new = verify_sampled(logits, guesses, draft_probs, distribution, draws)
         if on_pass:
-            on_pass(guesses, len(new) - 1)
+            # new = the kept guesses + one token of the model's. A stop token ends the text: guesses
+            # kept after it are not used, so they do not count as accepted.
+            end = next((i + 1 for i, token in enumerate(new) if token in stop_tokens), len(new))
+            on_pass(guesses, min(end, len(new) - 1))
         for i, token in enumerate(new):  # row i of the logits is the one token i was chosen from
             if (yield from hand_out(logits[i], token, stop_tokens, on_token)):
-                return  # guesses kept after a stop token are not part of the text
+                return  # what follows a stop token is not part of the text
         tokens += new
 
 

@@ -190,12 +190,14 @@ def test_same_replies_on_two_processes(tmp_path):
 class Terminal:
     """chat.py in a real pseudo-terminal: what a user sees, keystroke by keystroke."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, make=None):
+        """chat.py ARGS, or with make="VAR=value", `make chat VAR=value`."""
+        command = ["make", "chat", make] if make else [sys.executable, "chat.py", *args]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its stdin, stdout and stderr
             default_sigint()
             os.chdir(REPO)
-            os.execv(sys.executable, [sys.executable, "chat.py", *args])
+            os.execvp(command[0], command)
         self.seen = ""
 
     def expect(self, pattern, timeout=120) -> str:
@@ -290,3 +292,34 @@ def test_a_model_without_a_chat_format_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "chat.py", "--model-dir", str(model_dir)], input="hi\n",
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_a_line_that_begins_with_a_space_is_a_message_even_with_a_slash(tmp_path, monkeypatch, capsys):
+    model_dir = checkpoint(tmp_path, seed=15)
+    out, err, calls = run_main(monkeypatch, capsys, ["--model-dir", str(model_dir), "--max-new-tokens", "4",
+                                                     "--system", "Be brief."],
+                               " /foo is a path, what is it?\n/stats\n/reset\n/stats\n")
+    assert "unknown command" not in err
+    saved_prompt = [fed for _, fed, _ in calls if len(fed) > 1][0]
+    assert "/foo is a path, what is it?" in llama_models.Tokenizer(model_dir / "tokenizer.model").decode(saved_prompt)
+    # /stats counts in words: after the reply 3 messages, after /reset the system prompt alone.
+    assert "(3 messages;" in err and "(1 message;" in err
+
+
+def test_a_refused_piped_message_is_a_message_all_the_same(tmp_path, monkeypatch, capsys):
+    model_dir = checkpoint(tmp_path, seed=16)
+    out, err, _ = run_main(monkeypatch, capsys, ["--model-dir", str(model_dir), "--max-seq-len", "64",
+                                                 "--max-new-tokens", "8"], "x" * 300 + "\n")
+    assert "[this message does not fit" in err and "held no message" not in err
+    out, err, _ = run_main(monkeypatch, capsys, ["--model-dir", str(model_dir)], "\n/stats\n")
+    assert "[standard input held no message: nothing to answer]" in err
+
+
+def test_make_chat_exits_as_chat_py_does_after_ctrl_c(smollm2_dir):
+    """make receives the terminal's Ctrl-C too: it must not turn chat.py's 0 into its own 130."""
+    term = Terminal(make="SMOLLM2_DIR=" + str(smollm2_dir))
+    term.expect(r">>> ")
+    term.send("\x03")  # Ctrl-C at the prompt: chat.py says how to leave, and goes on
+    term.expect(r"to leave: /bye or Ctrl-D\]\n>>> ")
+    term.send("/bye\n")
+    assert term.exit_status() == 0

@@ -1,8 +1,11 @@
 """tools/convert_gguf.py on small GGUF files written here, and on broken ones."""
 
 import random
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 
 import gguf
 import numpy as np
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 import llama_models
-from conftest import REPO
+from conftest import REPO, SMOLLM2_GGUF
+from helpers import finish, start_script
 from llama_models import ModelArgs
 from tools.convert_gguf import ConversionError, _gpt2_bytes_to_unicode, convert, swiglu_params
 
@@ -105,6 +109,8 @@ def test_tiny_model_converts_and_loads(tmp_path):
         expected = torch.from_numpy(tensors[gguf_name]).bfloat16().float()
         assert torch.equal(state[meta_name], expected), meta_name
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.n_words) == (1, 2, 259)
+    # Filled in place after torch.save laid it out, yet a valid zip: each entry's CRC-32 is its bytes'.
+    assert zipfile.ZipFile(out / "consolidated.00.pth").testzip() is None
     assert tokenizer.decode(tokenizer.encode("héllo 123", bos=False, eos=False)) == "héllo 123"
     chat = llama_models.ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": "hi"}])
     assert tokenizer.decode(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -141,6 +147,7 @@ def broken_files(tmp_path):
     paths["not llama"] = (tmp_path / "gpt2.gguf", "architecture is 'gpt2'")
     write_tiny_gguf(tmp_path / "incomplete.gguf", skip={"blk.1.ffn_up.weight"})
     paths["tensor missing"] = (tmp_path / "incomplete.gguf", "layers.1.feed_forward.w3.weight")
+    paths["a directory"] = (tmp_path, f"{tmp_path} is a directory; give the .gguf file in it")
     return paths
 
 
@@ -159,6 +166,19 @@ def test_cli_error_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_converting_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "SmolLM2"
+    process = start_script("tools/convert_gguf.py", SMOLLM2_GGUF, out)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".SmolLM2.tmp-*/consolidated.00.pth")):  # the weights are being written
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    code, stdout, stderr = finish(process)
+    assert code == 130 and stderr.strip() == "[interrupted: nothing was written]", stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_directory_is_never_rebuilt(tmp_path):

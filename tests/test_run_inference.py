@@ -2,7 +2,10 @@
 logits warpers, streaming, the command line end to end."""
 
 import json
+import os
+import re
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -322,7 +325,7 @@ def test_prompt_from_a_file_or_standard_input(cycle_dir, tmp_path, script):
                                                     ("chat.py", 512)])
 def test_help_shows_every_default(script, max_new_tokens):
     result = run_script(script, "--help")
-    assert result.returncode == 0
+    assert result.returncode == 0 and "(default: None)" not in result.stdout  # None: said in words
     assert f"(default: {max_new_tokens})" in result.stdout and "(default: 2048)" in result.stdout
     # threads: one per core but one, so that a busy machine does not stall every matrix product
     assert f"(default: {max(1, torch.get_num_threads() - 1)})" in result.stdout
@@ -344,3 +347,80 @@ def test_beam_search_on_smollm2_equals_transformers(smollm2_pair, beam_width, le
                   length_penalty=length_penalty, early_stopping=early_stopping)
     theirs = hf_beam_search(hf, prompt, **kwargs)
     assert_same_hypotheses(run_inference.beam_search(model, prompt, **kwargs), theirs)
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("run_inference.py", ["--no-chat"]), ("run_inference.py", ["--no-chat", "--decoding", "beam", "--beam-width", "2"]),
+    ("minimal_run_inference.py", []), ("chat.py", [])])
+def test_a_reader_that_leaves_early_ends_the_script_quietly(cycle_dir, script, extra):
+    """`... | head -c 10`: the script's next write finds the pipe closed. Exit 141, as a shell
+    reports a program that a closed pipe ended (128 + SIGPIPE), and no traceback."""
+    args = ["--model-dir", cycle_dir, "--max-new-tokens", "50", "--threads", "1", *extra]
+    if script == "chat.py":
+        process = helpers.start_script(script, *args, stdin=subprocess.PIPE)
+        process.stdin.write("Hi!\n")
+        process.stdin.close()
+    else:
+        process = helpers.start_script(script, *args, "--prompt", "🦙")
+    process.stdout.close()  # the reader has left before the first word
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 141, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_scripts_start_with_ctrl_c_on_even_when_the_tests_run_without_it():
+    """A suite started as `cmd &` in a non-interactive shell runs with SIGINT ignored; the scripts
+    the tests start must get Ctrl-C back, or every Ctrl-C test fails."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = run_script("-c", "import signal; print(signal.getsignal(signal.SIGINT))")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.stdout.strip() == "<built-in function default_int_handler>", result.stdout
+
+
+def test_a_vocabulary_padded_beyond_the_tokenizer_never_yields_its_padding(tmp_path):
+    """Real checkpoints pad their vocabulary; ids the tokenizer lacks are masked, never chosen."""
+    model_dir = checkpoint(tmp_path, vocab_size=4096)  # the tokenizer has 512 ids: 3584 padded ones
+    result = run_script("run_inference.py", "--model-dir", model_dir, "--no-chat", "--max-new-tokens", "30",
+                        "--decoding", "sample", "--temperature", "5", "--top-p", "1.0")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "vocab 4096 (3584 ids beyond the tokenizer's 512: never chosen)" in result.stderr
+    model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32, max_seq_len=256)
+    prompt = tokenizer.encode("hello", bos=True, eos=False)
+    # A temperature this high makes the distribution nearly flat: 7/8 of it would be padding.
+    tokens = list(generation.sample(model, prompt, max_new_tokens=200, stop_tokens=[], temperature=50.0, top_k=0,
+                                    top_p=1.0, seed=0))
+    assert len(tokens) == 200 and max(tokens) < 512
+    beams = run_inference.beam_search(model, prompt, beam_width=1, max_new_tokens=5, stop_tokens=[])
+    assert max(beams[0][0]) < 512
+
+
+def test_a_kv_cache_bigger_than_memory_is_refused_before_it_is_allocated(cycle_dir):
+    result = run_script("run_inference.py", "--model-dir", cycle_dir, "--max-seq-len", "100000000000")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert re.fullmatch(r"error: a KV cache of 100000000000 positions \(max_seq_len\) would take [\d.]+ GiB, more "
+                        r"than the [\d.]+ GiB of memory free on cpu; at most \d+ positions fit there, fewer beside "
+                        r"the weights: lower --max-seq-len\n", result.stderr), result.stderr
+
+
+def test_the_model_you_have_is_the_default(tmp_path):
+    """After `make demo` ~/.llama/checkpoints holds one model: the scripts run with no flags."""
+    home = tmp_path / "home"
+    checkpoint(home / ".llama" / "checkpoints" / "Tiny-Instruct", seed=21)
+    env = dict(os.environ, HOME=str(home))
+    note = (f"note: no Llama3.2-1B-Instruct in {home}/.llama/checkpoints; using Tiny-Instruct, the one "
+            f"checkpoint there (--model-dir chooses)\n")
+    runs = {script: run_script(script, "--max-new-tokens", "4", env=env)
+            for script in ("run_inference.py", "minimal_run_inference.py")}
+    runs["chat.py"] = run_script("chat.py", "--max-new-tokens", "4", env=env, input="Hi!\n")
+    runs["explore.py"] = run_script("explore.py", env=env)
+    for script, result in runs.items():
+        assert result.returncode == 0 and result.stderr.startswith(note), (script, result.stderr)
+    assert "chat, greedy decoding" in runs["run_inference.py"].stderr  # an Instruct model: chat mode
+    # Two checkpoints: no guessing, the names to choose from.
+    checkpoint(home / ".llama" / "checkpoints" / "Other", seed=22)
+    two = run_script("run_inference.py", env=env)
+    assert two.returncode == 1 and two.stderr == (
+        f"error: checkpoint directory {home}/.llama/checkpoints/Llama3.2-1B-Instruct not found; "
+        f"checkpoints in {home}/.llama/checkpoints: Other, Tiny-Instruct\n")

@@ -31,7 +31,10 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -245,9 +248,10 @@ def write_state_dict(gguf_path: Path, tensors: dict[str, gguf.ReaderTensor], pat
     The whole model is never in memory. torch.save first lays out the file around empty tensors
     (skip_data: their bytes are reserved, not written, and torch.empty never touches its memory,
     so they cost none); the file is then mapped with writes going to it (MAP_SHARED), each chunk
-    of rows dequantized from the GGUF into its place, and its pages handed back to the OS. (The
-    zip entries' CRC-32 fields describe the reserved zeros, not the weights; torch.load does not
-    check them.)
+    of rows dequantized from the GGUF into its place, and its pages handed back to the OS. Each
+    zip entry's CRC-32 is computed chunk by chunk as it is filled, then written into the entry's
+    headers, so that the file is a valid zip (`python -m zipfile -t`), not one whose checksums
+    describe the reserved zeros.
 
     progress(tensors done, of how many, bytes written) is called after each tensor.
     """
@@ -262,10 +266,11 @@ def write_state_dict(gguf_path: Path, tensors: dict[str, gguf.ReaderTensor], pat
         torch.save(empty, path)
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
         mapped = torch.load(path, mmap=True, weights_only=True)
-    written = 0
+    written, crcs = 0, {}
     with open(gguf_path, "rb") as f:
         for done, (name, tensor) in enumerate(tensors.items(), 1):
             rows = mapped[name].view(-1, int(tensor.shape[0]))  # (rows, columns); norms: (1, dim)
+            crc = 0
             row_bytes = tensor.n_bytes // rows.shape[0]
             step = max(1, CHUNK_BYTES // (4 * rows.shape[1]))
             for start in range(0, rows.shape[0], step):
@@ -278,11 +283,37 @@ def write_state_dict(gguf_path: Path, tensors: dict[str, gguf.ReaderTensor], pat
                     raise ConversionError(f"tensor {tensor.name!r} is cut short (truncated file?)")
                 values = dequantize(raw.reshape(chunk.shape[0], row_bytes), tensor.tensor_type)
                 chunk.copy_(torch.from_numpy(values.reshape(chunk.shape)))  # float32 -> bfloat16
+                crc = zlib.crc32(chunk.view(torch.int16).numpy(), crc)  # its bytes, as written
                 release_pages(chunk)  # now in the page cache, on its way to disk
+            crcs[rows.data_ptr()] = crc
             written += rows.numel() * rows.element_size()
             if progress:
                 progress(done, len(tensors), written)
     del mapped  # unmapped: the file is complete
+    write_crcs(path, [crc for _, crc in sorted(crcs.items())])
+
+
+def write_crcs(path: Path, data_crcs: list[int]) -> None:
+    """Write the CRC-32 of each tensor's bytes into its zip entry's two headers (the local one
+    before its data, and the central directory's). data_crcs: one per data entry, in file order."""
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()  # in file order, as torch writes them
+        central = archive.start_dir
+    data = [e for e in entries if "/data/" in e.filename]  # archive/data/0, ...: the tensors' bytes
+    if len(data) != len(data_crcs):
+        raise ConversionError(f"{path}: {len(data)} tensor entries for {len(data_crcs)} tensors written")
+    crcs = {id(entry): crc for entry, crc in zip(data, data_crcs)}
+    with open(path, "r+b") as f:
+        for entry in entries:
+            # A central directory record: 46 bytes (the CRC at 16), then name, extra and comment.
+            f.seek(central)
+            header = f.read(46)
+            name_len, extra_len, comment_len = struct.unpack("<HHH", header[28:34])
+            if id(entry) in crcs:
+                for at in (entry.header_offset + 14, central + 16):  # local header: the CRC at 14
+                    f.seek(at)
+                    f.write(struct.pack("<I", crcs[id(entry)]))
+            central += 46 + name_len + extra_len + comment_len
 
 
 def read_tokenizer(reader: gguf.GGUFReader) -> tuple[str, Optional[dict]]:
@@ -369,6 +400,8 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path],
         gguf_path = ollama.find_model(str(source)[len(ollama.PREFIX):]) if is_ollama else Path(source)
     except ollama.OllamaError as e:
         raise ConversionError(str(e)) from None
+    if gguf_path.is_dir():
+        raise ConversionError(f"{gguf_path} is a directory; give the .gguf file in it")
     if not gguf_path.is_file():
         raise ConversionError(f"{gguf_path} not found")
     try:
@@ -425,6 +458,9 @@ def main():
         out = convert(opts.source, opts.out_dir, print_progress if sys.stderr.isatty() else None)
     except ConversionError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # convert() has removed what it had written
+        print("\n[interrupted: nothing was written]", file=sys.stderr)
+        sys.exit(130)
     print(f"wrote {out}")
 
 
