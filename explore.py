@@ -21,6 +21,7 @@ The functions are importable and do nothing on import; in a notebook:
 
 import base64
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -369,6 +370,24 @@ def save(fig, path: Path) -> None:
     print(f"wrote {path} ({round(width)} x {round(height)} pixels)")
 
 
+def check_plot_dir(path: Path) -> None:
+    """Raise ValueError if the --plot directory could not be made or written; make nothing.
+
+    Checked before the model loads (a bad folder fails fast), made only once everything else has
+    passed: a refused command leaves no folder behind.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # the folder mkdir would start from
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "File exists" if existing == path else f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "Permission denied"
+    else:
+        return
+    raise ValueError(f"--plot {path}: cannot write figures there ({problem})")
+
+
 def plot_dir(path: Path) -> Path:
     """Make the --plot directory, or raise ValueError saying why not."""
     try:
@@ -433,7 +452,7 @@ def main(argv=None):
         sections = parse_sections(args.sections)
         if args.plot is not None:  # before the model loads: a missing package or bad folder fails fast
             import_matplotlib()
-            plot_dir(args.plot)
+            check_plot_dir(args.plot)
         args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
         device = cli.start(args.threads, args.device)
         args.model_dir = cli.checkpoint_dir(args.model_dir)
@@ -467,7 +486,8 @@ def main(argv=None):
     if layers:
         print_attention(tokenizer, rec, tokens, position, layers, heads, args.top)
     if args.plot is not None:
-        with cli.user_errors():  # a figure that cannot be written: one line
+        with cli.user_errors():  # the folder, made now that nothing else can refuse; a figure that cannot be written
+            plot_dir(args.plot)
             plot_logit_lens(model, tokenizer, rec, tokens, args.plot / "logit-lens.png", args.plot_dpi)
             for block in plot_layers:
                 plot_attention(tokenizer, rec, tokens, block, heads, args.plot / f"attention-block-{block:02d}.png",

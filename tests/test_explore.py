@@ -268,6 +268,8 @@ BAD_INPUT = {
     "the prompt is 25 tokens, more than --max-seq-len 8": ["--max-seq-len", "8"],
     "the prompt is empty": ["--prompt", " "],
     "--plot {tmp}/file: cannot write figures there (File exists)": ["--plot", "{tmp}/file"],
+    "--plot {tmp}/file/figures: cannot write figures there ({tmp}/file is not a directory)":
+        ["--plot", "{tmp}/file/figures"],
 }
 
 
@@ -278,6 +280,16 @@ def test_bad_input_names_the_problem(tiny_dir, tmp_path, message):
     with pytest.raises(SystemExit) as exit_info:
         explore.main(["--model-dir", str(tiny_dir), "--prompt", "The capital of France is", *argv])
     assert exit_info.value.code == f"error: {message.format(tmp=tmp_path)}"
+    assert not (tmp_path / "figures").exists()  # a refused command leaves no --plot folder behind
+
+
+def test_a_refused_plot_makes_no_folder(tiny_dir, tmp_path):
+    # --plot-layers can be checked only once the model has loaded (it says how many blocks there
+    # are), long after --plot's folder was checked: the folder waits for that too.
+    result = run_explore("--model-dir", tiny_dir, "--threads", "1", "--plot", tmp_path / "figures",
+                         "--plot-layers", "77")
+    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: --plot-layers: 77 ")
+    assert not (tmp_path / "figures").exists()
 
 
 def test_without_matplotlib_plot_says_what_to_install(tiny_dir, tmp_path, monkeypatch):
