@@ -161,8 +161,10 @@ def logit_lens(model, hidden: torch.Tensor) -> torch.Tensor:
     # trained on the last block's output only. Early states may hold the answer in directions the
     # head does not read (a learned per-layer translation, the "tuned lens", reads them better:
     # Belrose et al. 2023), so a low rank early on does not prove the information is absent. And
-    # with tied embeddings (SmolLM2) the embedding's own row is its best match: the lens of the
-    # input embeddings predicts the input token itself.
+    # with tied embeddings (SmolLM2) the lens of the input embeddings scores each token by the dot
+    # product of its row with the input's: the input token wins only where its own row dominates.
+    # A longer row pointing much the same way can beat it, and SmolLM2's rows share one direction,
+    # so most tokens' lens names one of a few long rows (' strugg', '<filename>'), not themselves.
     return model.output(model.norm(hidden)).float().softmax(dim=-1)
 
 
