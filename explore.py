@@ -21,6 +21,7 @@ The functions are importable and do nothing on import; in a notebook:
 
 import base64
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -50,7 +51,10 @@ PLOT_DIR = None  # a directory to write PNG figures into; None: no figures
 # The blocks --plot draws attention heat maps of, one figure each (a second or two per figure):
 # the first block, which reads the words themselves, and the last, where most heads rest on the first token.
 PLOT_LAYERS = "0,-1"
-PLOT_DPI = 100  # pixels per inch of the figures (their size in inches follows the prompt's length)
+# A longer prompt is cut to its last positions, the ones nearest the prediction: what a figure
+# can label legibly on a screen. Attention shows their rows and the keys they weigh most.
+PLOT_POSITIONS = 16
+PLOT_DPI = 100  # pixels per inch of the figures: at 100 none is wider or taller than 2000 pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +161,10 @@ def logit_lens(model, hidden: torch.Tensor) -> torch.Tensor:
     # trained on the last block's output only. Early states may hold the answer in directions the
     # head does not read (a learned per-layer translation, the "tuned lens", reads them better:
     # Belrose et al. 2023), so a low rank early on does not prove the information is absent. And
-    # with tied embeddings (SmolLM2) the embedding's own row is its best match: the lens of the
-    # input embeddings predicts the input token itself.
+    # with tied embeddings (SmolLM2) the lens of the input embeddings scores each token by the dot
+    # product of its row with the input's: the input token wins only where its own row dominates.
+    # A longer row pointing much the same way can beat it, and SmolLM2's rows share one direction,
+    # so most tokens' lens names one of a few long rows (' strugg', '<filename>'), not themselves.
     return model.output_logits(model.norm(hidden)).softmax(dim=-1)
 
 
@@ -292,73 +298,116 @@ def import_matplotlib():
     return Figure
 
 
+MAX_INCHES = 20.0  # the long side of every figure: 2000 pixels at PLOT_DPI, about a screen's width
+PANELS_PER_FIGURE = 12  # attention panels (heads, and the mean) per figure, 4 to a row; more heads: more figures
+
+
 def lens_figure_size(n_positions: int, n_rows: int) -> tuple[float, float]:
-    """Inches: a cell 1.1 wide and 0.28 high per token and layer, plus room for the labels."""
-    return 2.0 + 1.1 * n_positions, 1.4 + 0.28 * n_rows
+    """Inches: a cell 1.1 wide per position (PLOT_POSITIONS of them: under 20 inches) and 0.28
+    high per layer, less for a model too deep to fit, plus room for the labels and the title."""
+    return max(4.5, 2.0 + 1.1 * n_positions), 1.4 + min(0.28 * n_rows, MAX_INCHES - 1.4)
 
 
-def attention_figure_size(n_positions: int, n_panels: int) -> tuple[float, float]:
-    """Inches: panels of max(3, 0.3 per token) square, 4 to a row, plus room for the labels."""
-    side = max(3.0, 0.3 * n_positions)
+def attention_figure_size(n_keys: int, n_panels: int) -> tuple[float, float]:
+    """Inches: square panels of 0.19 per key (2.5 at least), 4 to a row, plus room for the labels."""
+    side = max(2.5, 0.19 * n_keys)
     cols = min(4, n_panels)
     rows = -(-n_panels // cols)
-    return 1.0 + (side + 1.2) * cols, 0.8 + (side + 1.2) * rows
+    return 0.8 + (side + 1.4) * cols, 0.9 + (side + 1.4) * rows
 
 
 def short(text: str, n: int = 10) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
-def plot_logit_lens(model, tokenizer, rec: Recording, tokens, path: Path, dpi: int) -> None:
-    """A grid, layers (rows) x positions (columns): each cell's top token, coloured by its probability."""
+def label(tokenizer, tokens, position: int) -> str:
+    """A token as a tick label: its text, cut short, and its position."""
+    return f"{short(token_text(tokenizer, tokens[position]), 12)}({position})"
+
+
+def positions_text(shown: Sequence[int], n: int) -> str:
+    """Which positions a figure shows, for its title and the line that announces it."""
+    if len(shown) == n:
+        return f"all {n} positions"
+    return f"positions {shown[0]}-{shown[-1]} of {n} (the last {len(shown)})"
+
+
+def plot_logit_lens(model, tokenizer, rec: Recording, tokens, path: Path, dpi: int, last: int) -> None:
+    """A grid, layers (rows) x the last `last` positions (columns): each cell's top token, coloured
+    by its probability."""
     Figure = import_matplotlib()
+    shown = range(max(0, len(tokens) - last), len(tokens))
     # One position at a time: (n_layers + 1, V) floats each, never (n_layers + 1, S, V).
-    best = [logit_lens(model, rec.hidden[:, p]).max(dim=-1) for p in range(len(tokens))]
-    probs = torch.stack([b.values for b in best], dim=1)  # (n_layers + 1, S)
-    ids = torch.stack([b.indices for b in best], dim=1)  # (n_layers + 1, S)
-    fig = Figure(figsize=lens_figure_size(len(tokens), len(probs)), dpi=dpi, layout="constrained")
+    best = [logit_lens(model, rec.hidden[:, p]).max(dim=-1) for p in shown]
+    probs = torch.stack([b.values for b in best], dim=1)  # (n_layers + 1, shown)
+    ids = torch.stack([b.indices for b in best], dim=1)  # (n_layers + 1, shown)
+    fig = Figure(figsize=lens_figure_size(len(shown), len(probs)), dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(probs.cpu().numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
     for layer in range(probs.shape[0]):
-        for p in range(probs.shape[1]):
-            dark = probs[layer, p] > 0.6
-            ax.text(p, layer, short(token_text(tokenizer, int(ids[layer, p]))), ha="center",
-                    va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_xticks(range(len(tokens)), [short(token_text(tokenizer, t), 14) for t in tokens],
-                  rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(probs)), [layer_name(i) for i in range(len(probs))], fontsize=7)
-    ax.set_title("logit lens: the top next token after each block, at each input position")
-    fig.colorbar(image, ax=ax, label="probability of the top token", shrink=0.6)
-    save(fig, path)
+        for col in range(probs.shape[1]):
+            dark = probs[layer, col] > 0.6
+            ax.text(col, layer, short(token_text(tokenizer, int(ids[layer, col]))), ha="center",
+                    va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(shown)), [label(tokenizer, tokens, p) for p in shown], rotation=30, ha="right",
+                  fontsize=9)
+    ax.set_yticks(range(len(probs)), [layer_name(i) for i in range(len(probs))], fontsize=9)
+    ax.set_xlabel("input position (the next token is predicted after it)", fontsize=10)
+    ax.set_title(f"logit lens: the top next token after each block\n{positions_text(shown, len(tokens))}",
+                 fontsize=12)
+    fig.colorbar(image, ax=ax, shrink=0.6).set_label("probability of the top token", fontsize=10)
+    save(fig, path, positions_text(shown, len(tokens)))
 
 
-def plot_attention(tokenizer, rec: Recording, tokens, block: int, heads: list[int], path: Path, dpi: int) -> None:
-    """One block's attention: a query x key heat map per head, and the mean over all heads."""
+def attention_cut(weights: torch.Tensor, last: int) -> tuple[list[int], list[int]]:
+    """(query rows, key columns) a figure shows: the last `last` positions, and the `last` keys
+    they weigh most on average over all heads, in order. weights: (H, S, S)."""
+    n = weights.shape[-1]
+    rows = list(range(max(0, n - last), n))
+    if n <= last:
+        return rows, rows
+    weight_per_key = weights[:, rows].mean(dim=0).sum(dim=0)  # (S,): what the shown rows read from each key
+    return rows, sorted(weight_per_key.topk(last).indices.tolist())
+
+
+def plot_attention(tokenizer, rec: Recording, tokens, block: int, heads: list[int], directory: Path, dpi: int,
+                   last: int) -> None:
+    """One block's attention: a query x key heat map per head, and the mean over all heads, in as
+    many figures as it takes (PANELS_PER_FIGURE each)."""
     Figure = import_matplotlib()
     weights = rec.attention[rec.layers.index(block)]  # (H, S, S)
+    rows, keys = attention_cut(weights, last)
     panels = [(f"head {h}", weights[h]) for h in heads] + [("mean over heads", weights.mean(dim=0))]
-    fig = Figure(figsize=attention_figure_size(len(tokens), len(panels)), dpi=dpi, layout="constrained")
-    cols = min(4, len(panels))
-    axes = fig.subplots(-(-len(panels) // cols), cols, squeeze=False).flatten()
-    labels = [short(token_text(tokenizer, t), 12) for t in tokens]
-    every = max(1, len(tokens) // 40)  # a tick label per token, unless they would overlap
-    size = 8 if len(tokens) <= 16 else 6
-    for ax, (title, matrix) in zip(axes, panels):
-        image = ax.imshow(matrix.cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-        ticks = range(0, len(tokens), every)
-        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=size)
-        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=size)
-        ax.set_xlabel("key (attended to)", fontsize=7)
-        ax.set_ylabel("query", fontsize=7)
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
-    fig.colorbar(image, ax=axes.tolist(), label="attention probability", shrink=0.6)
-    fig.suptitle(f"block {block}: attention probabilities, query (row) x key (column)")
-    save(fig, path)
+    cut = len(keys) < len(tokens)
+    where = f"rows: {positions_text(rows, len(tokens))}"
+    if cut:  # what the shown rows read from the keys left out, in one column: each row still sums to 1
+        where += f"\ncolumns: the {len(keys)} keys they weigh most, then all others"
+    groups = [panels[i:i + PANELS_PER_FIGURE] for i in range(0, len(panels), PANELS_PER_FIGURE)]
+    for number, group in enumerate(groups, 1):
+        part = f" (figure {number} of {len(groups)})" if len(groups) > 1 else ""
+        fig = Figure(figsize=attention_figure_size(len(keys) + cut, len(group)), dpi=dpi, layout="constrained")
+        cols = min(4, len(group))
+        axes = fig.subplots(-(-len(group) // cols), cols, squeeze=False).flatten()
+        for ax, (title, matrix) in zip(axes, group):
+            shown = matrix[rows][:, keys]  # (rows, keys)
+            if cut:
+                shown = torch.cat([shown, 1 - shown.sum(dim=-1, keepdim=True)], dim=-1)  # (rows, keys + 1)
+            image = ax.imshow(shown.cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=11)
+            ax.set_xticks(range(shown.shape[1]), [label(tokenizer, tokens, k) for k in keys] + ["others"] * cut,
+                          rotation=90, fontsize=8)
+            ax.set_yticks(range(len(rows)), [label(tokenizer, tokens, q) for q in rows], fontsize=8)
+            ax.set_xlabel("key (attended to)", fontsize=9)
+            ax.set_ylabel("query", fontsize=9)
+        for ax in axes[len(group):]:
+            ax.set_axis_off()
+        fig.colorbar(image, ax=axes.tolist(), shrink=0.6).set_label("attention probability", fontsize=10)
+        fig.suptitle(f"block {block}: attention, query (row) x key (column){part}\n{where}", fontsize=12)
+        name = f"attention-block-{block:02d}" + (f"-{number}" if len(groups) > 1 else "") + ".png"
+        save(fig, directory / name, f"{group[0][0]} to {group[-1][0]}; " + where.replace("\n", "; "))
 
 
-def save(fig, path: Path) -> None:
+def save(fig, path: Path, shows: str) -> None:
     with warnings.catch_warnings():  # a token outside the font's glyphs draws as a box; no warning each time
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         try:
@@ -366,7 +415,25 @@ def save(fig, path: Path) -> None:
         except OSError as e:
             raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     width, height = fig.get_size_inches() * fig.dpi
-    print(f"wrote {path} ({round(width)} x {round(height)} pixels)")
+    print(f"wrote {path} ({round(width)} x {round(height)} pixels): {shows}")
+
+
+def check_plot_dir(path: Path) -> None:
+    """Raise ValueError if the --plot directory could not be made or written; make nothing.
+
+    Checked before the model loads (a bad folder fails fast), made only once everything else has
+    passed: a refused command leaves no folder behind.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # the folder mkdir would start from
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "File exists" if existing == path else f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "Permission denied"
+    else:
+        return
+    raise ValueError(f"--plot {path}: cannot write figures there ({problem})")
 
 
 def plot_dir(path: Path) -> Path:
@@ -397,6 +464,8 @@ def parse_args(argv=None):
     add("--top", type=cli.at_least(1), default=TOP, help="tokens per logit-lens row and per attention line")
     add("--plot", type=Path, default=PLOT_DIR, metavar="DIR", help="write PNG figures into DIR (needs matplotlib)")
     add("--plot-layers", default=PLOT_LAYERS, help="blocks --plot draws attention heat maps of: all, none, or e.g. 5")
+    add("--plot-positions", type=cli.at_least(1), default=PLOT_POSITIONS, metavar="N",
+        help="the figures show the last N positions (attention: and the N keys they weigh most)")
     add("--plot-dpi", type=cli.at_least(10), default=PLOT_DPI, help="pixels per inch of the figures")
     return parser.parse_args(argv)
 
@@ -433,7 +502,7 @@ def main(argv=None):
         sections = parse_sections(args.sections)
         if args.plot is not None:  # before the model loads: a missing package or bad folder fails fast
             import_matplotlib()
-            plot_dir(args.plot)
+            check_plot_dir(args.plot)
         args.prompt = cli.read_prompt(args.prompt, args.prompt_file)
         device = cli.start(args.threads, args.device)
         args.model_dir = cli.checkpoint_dir(args.model_dir)
@@ -467,11 +536,12 @@ def main(argv=None):
     if layers:
         print_attention(tokenizer, rec, tokens, position, layers, heads, args.top)
     if args.plot is not None:
-        with cli.user_errors():  # a figure that cannot be written: one line
-            plot_logit_lens(model, tokenizer, rec, tokens, args.plot / "logit-lens.png", args.plot_dpi)
+        with cli.user_errors():  # the folder, made now that nothing else can refuse; a figure that cannot be written
+            plot_dir(args.plot)
+            plot_logit_lens(model, tokenizer, rec, tokens, args.plot / "logit-lens.png", args.plot_dpi,
+                            args.plot_positions)
             for block in plot_layers:
-                plot_attention(tokenizer, rec, tokens, block, heads, args.plot / f"attention-block-{block:02d}.png",
-                               args.plot_dpi)
+                plot_attention(tokenizer, rec, tokens, block, heads, args.plot, args.plot_dpi, args.plot_positions)
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def test_smollm2_end_to_end(smollm2_dir, smollm2_fp32, tmp_path, dtype):
     first = next(i for i, r in enumerate(lens) if all(s[2] == "1" for s in lens[i:]))
     assert f"' Paris' is the top token from {lens[first][0]} on" in out
     # Attention: every block's mean line, and the heads asked for.
-    assert out.count(" mean ") == 30 and out.count("head 4") == 30
+    assert len(re.findall(r"^block \d+ +mean ", out, re.M)) == 30 and len(re.findall(r"^ +head 4 ", out, re.M)) == 30
     assert "(the attention sink)" in out
     if dtype == "bfloat16":
         assert out.count("head ") == 30 * 9
@@ -230,7 +230,7 @@ def test_smollm2_end_to_end(smollm2_dir, smollm2_fp32, tmp_path, dtype):
     # Pictures: PNGs that a PNG reader opens, of the size the script states.
     from PIL import Image
 
-    written = dict(re.findall(r"^wrote (\S+) \((\d+ x \d+) pixels\)$", out, re.M))
+    written = dict(re.findall(r"^wrote (\S+) \((\d+ x \d+) pixels\): .*all 6 positions$", out, re.M))
     names = {p.rsplit("/", 1)[-1] for p in written}
     assert names == {"logit-lens.png", "attention-block-00.png", "attention-block-29.png"}
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(names)
@@ -268,6 +268,8 @@ BAD_INPUT = {
     "the prompt is 25 tokens, more than --max-seq-len 8": ["--max-seq-len", "8"],
     "the prompt is empty": ["--prompt", " "],
     "--plot {tmp}/file: cannot write figures there (File exists)": ["--plot", "{tmp}/file"],
+    "--plot {tmp}/file/figures: cannot write figures there ({tmp}/file is not a directory)":
+        ["--plot", "{tmp}/file/figures"],
 }
 
 
@@ -278,6 +280,45 @@ def test_bad_input_names_the_problem(tiny_dir, tmp_path, message):
     with pytest.raises(SystemExit) as exit_info:
         explore.main(["--model-dir", str(tiny_dir), "--prompt", "The capital of France is", *argv])
     assert exit_info.value.code == f"error: {message.format(tmp=tmp_path)}"
+    assert not (tmp_path / "figures").exists()  # a refused command leaves no --plot folder behind
+
+
+def test_a_refused_plot_makes_no_folder(tiny_dir, tmp_path):
+    # --plot-layers can be checked only once the model has loaded (it says how many blocks there
+    # are), long after --plot's folder was checked: the folder waits for that too.
+    result = run_explore("--model-dir", tiny_dir, "--threads", "1", "--plot", tmp_path / "figures",
+                         "--plot-layers", "77")
+    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: --plot-layers: 77 ")
+    assert not (tmp_path / "figures").exists()
+
+
+@pytest.mark.parametrize("n_rows, n_positions, n_panels", [(31, 16, 10), (81, 16, 12), (2, 1, 1)])
+def test_every_figure_fits_a_screen(n_rows, n_positions, n_panels):
+    # At the default --plot-dpi, at most 2000 pixels on either side, however long the prompt
+    # (cut to PLOT_POSITIONS), however deep the model, however many heads (PANELS_PER_FIGURE
+    # to a figure); and never narrower than the titles (4.5 inches).
+    assert n_positions <= explore.PLOT_POSITIONS and n_panels <= explore.PANELS_PER_FIGURE
+    for width, height in (explore.lens_figure_size(n_positions, n_rows),
+                          explore.attention_figure_size(n_positions + 1, n_panels)):  # + 1: the "others" column
+        assert 4.5 <= width and max(width, height) * explore.PLOT_DPI <= 2000
+
+
+def test_long_prompt_many_heads_figures_fit_and_say_what_they_show(tmp_path):
+    from PIL import Image
+
+    model_dir = checkpoint(tmp_path / "model", n_heads=16, n_kv_heads=4)  # 16 heads + the mean: 2 figures
+    result = run_explore("--model-dir", model_dir, "--threads", "1", "--sections", "tokens", "--prompt", "x" * 60,
+                         "--plot", tmp_path / "figures", "--plot-layers", "-1")
+    assert result.returncode == 0, result.stderr
+    written = re.findall(r"^wrote (\S+) \((\d+) x (\d+) pixels\): (.*)$", result.stdout, re.M)
+    assert [w[0].rsplit("/", 1)[-1] for w in written] == \
+        ["logit-lens.png", "attention-block-01-1.png", "attention-block-01-2.png"]
+    # 61 tokens (bos and 60 bytes): the last 16 positions, and which they are.
+    assert all("positions 45-60 of 61 (the last 16)" in w[3] for w in written)
+    assert written[1][3].startswith("head 0 to head 11;") and written[2][3].startswith("head 12 to mean over heads;")
+    for path, width, height, _ in written:
+        with Image.open(path) as image:
+            assert image.size == (int(width), int(height)) and max(image.size) <= 2000
 
 
 def test_without_matplotlib_plot_says_what_to_install(tiny_dir, tmp_path, monkeypatch):
