@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch.distributed as dist
 
 import llama_models
-from llama_models import cli, generation
+from llama_models import cli, compiled, generation
 from llama_models.report import Stats
 
 # --- the conversation (the model, the device and the rest: llama_models/cli.py, or --help) ---
@@ -279,11 +279,11 @@ def main(argv=None):
         start = time.perf_counter()
         model, tokenizer = llama_models.load(args.model_dir, device=device, dtype=args.dtype,
                                              max_seq_len=args.max_seq_len, quantize=args.quantize,
-                                             max_memory=args.max_memory)
+                                             max_memory=args.max_memory, pack=not args.compile)
         load_s = time.perf_counter() - start
         chat_format = llama_models.ChatFormat(tokenizer)  # ValueError for a model without a chat format
         if args.compile:
-            model.compile_decode_step()
+            compiled.compile_decode_step(model, args.model_dir)
 
     llama_models.print_on_first_process_only()
     interactive = sys.stdin.isatty()
@@ -300,7 +300,8 @@ def main(argv=None):
         print(model.block_streamer, file=sys.stderr)
     sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
                 if args.decoding == "sample" else {})
-    messages = converse(model, tokenizer, conversation, sampling, args.compile, load_s, interactive)
+    messages = converse(model, tokenizer, conversation, sampling, model.compiled_step is not None, load_s,
+                        interactive)
     if not interactive and not messages:
         print("[standard input held no message: nothing to answer]", file=sys.stderr)
 

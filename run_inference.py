@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_models
-from llama_models import cli, generation, speculative
+from llama_models import cli, compiled, generation, speculative
 from llama_models.report import Stats, model_summary
 
 # --- what to run (the model, the device and the rest: llama_models/cli.py, or --help) ---
@@ -202,7 +202,7 @@ def main(argv=None):
     print(f"{'chat' if args.chat else 'completion'}, {args.decoding} decoding{how}, "
           f"prompt of {len(prompt_tokens)} tokens\n", file=sys.stderr)
     beams = args.beam_width if args.decoding == "beam" else 1
-    stats = Stats(load_s, len(prompt_tokens), rows=beams, compiled=args.compile)
+    stats = Stats(load_s, len(prompt_tokens), rows=beams, compiled=model.compiled_step is not None)
     try:
         if args.decoding == "beam":
             print_beam_search(model, tokenizer, prompt_tokens, max_new_tokens, args.beam_width, args.length_penalty,
@@ -260,12 +260,12 @@ def load(args):
         model, tokenizer = llama_models.load(
             args.model_dir, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
             max_batch_size=args.beam_width if args.decoding == "beam" else 1,
-            quantize=args.quantize, max_memory=args.max_memory)
+            quantize=args.quantize, max_memory=args.max_memory, pack=not args.compile)  # compiled: Inductor packs
         if isinstance(draft, speculative.DraftModel):
             speculative.check_same_vocabulary(args.model_dir, args.draft, model, draft.model)
         load_s = time.perf_counter() - start
         if args.compile:
-            model.compile_decode_step()  # compiles lazily, at the first decode step
+            compiled.compile_decode_step(model, args.model_dir)  # compiles lazily, at the first decode step
         prompt_tokens = generation.encode_prompt(tokenizer, args.prompt, args.chat, args.system)
         if len(prompt_tokens) >= args.max_seq_len:
             raise ValueError(f"the prompt is {len(prompt_tokens)} tokens, which leaves no room for new ones "
@@ -292,9 +292,6 @@ def check_speculative_flags(args) -> None:
         raise ValueError(f"--decoding {args.decoding} needs a proposer: --draft DIR or --draft prompt-lookup")
     if args.draft == "prompt-lookup" and args.draft_quantize is not None:
         raise ValueError("--draft prompt-lookup uses no draft model: drop --draft-quantize")
-    if args.compile:
-        raise ValueError(f"--compile does not apply to --decoding {args.decoding}: "
-                         f"its passes take k + 1 tokens, not the one of a compiled step")
 
 
 def show_top_tokens(tokenizer, n: int):

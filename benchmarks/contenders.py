@@ -48,9 +48,12 @@ class Ours:
 
     def load(self, work: Path, dtype: str, max_seq_len: int, quantize=None, pack=True, compile=False):
         self.model, _ = self.llama_models.load(work, device="cpu", dtype=getattr(self.torch, dtype),
-                                               max_seq_len=max_seq_len, quantize=quantize, pack=pack)
-        if compile:
-            self.model.compile_decode_step()  # compiles at the first decode step
+                                               max_seq_len=max_seq_len, quantize=quantize,
+                                               pack=pack and not compile)  # compiled: Inductor packs
+        if compile:  # as --compile does: compiles at the first decode step, or loads what it compiled before
+            from llama_models import compiled
+
+            compiled.compile_decode_step(self.model, work)
 
     def _next_token(self, tokens: list, start_pos: int, forward=None) -> int:
         with self.torch.inference_mode():
@@ -159,6 +162,8 @@ CONTENDERS = {
     "ours-int4": Contender(Ours, "bfloat16", 20 / 32, {"quantize": "int4"}),
     "ours-bf16-compile": Contender(Ours, "bfloat16", 2, {"compile": True}),
     "ours-int8-compile": Contender(Ours, "bfloat16", 1, {"quantize": "int8", "compile": True}),
+    "ours-fp32-compile": Contender(Ours, "float32", 4, {"compile": True}),
+    "ours-int4-compile": Contender(Ours, "bfloat16", 20 / 32, {"quantize": "int4", "compile": True}),
     "ours-bf16-unpacked": Contender(Ours, "bfloat16", 2, {"pack": False}),
     "ours-bf16-2proc": Contender(Ours, "bfloat16", 2, processes=2),
     "recompute-fp32": Contender(Recompute, "float32", 4),

@@ -48,7 +48,9 @@ PAIRS = [("ours-fp32", "llama.cpp-F32"), ("ours-bf16", "llama.cpp-BF16"), ("ours
          ("ours-fp32", "transformers-fp32"), ("ours-bf16", "transformers-bf16"), ("ours-fp32", "recompute-fp32"),
          ("ours-bf16-2proc", "ours-bf16"), ("ours-bf16", "ours-bf16-unpacked"),
          ("ours-bf16-compile", "ours-bf16"), ("ours-int8-compile", "ours-int8"),
-         ("ours-bf16-compile", "llama.cpp-BF16"), ("ours-int8-compile", "llama.cpp-Q8_0")]
+         ("ours-fp32-compile", "ours-fp32"), ("ours-int4-compile", "ours-int4"),
+         ("ours-bf16-compile", "llama.cpp-BF16"), ("ours-int8-compile", "llama.cpp-Q8_0"),
+         ("ours-fp32-compile", "llama.cpp-F32"), ("ours-int4-compile", "llama.cpp-Q4_1")]
 # The baseline re-runs the whole sequence at every step, so its cost grows with the square of
 # the length: on the 1B shape, 128 tokens take longer than all the other contenders together.
 # One run of at most 32 new tokens shows the size of the gap; its tokens/s flatters it (a shorter
@@ -242,8 +244,9 @@ NOTES = """\
 How to read this:
 - load s: building the model from files already in the page cache (imports not counted).
   first token s: load plus the first, cold prefill: what a user waits for. first step s: the
-  first, cold decode step after it; for the -compile contenders it is the compile time (the
-  inductor cache in /tmp/torchinductor_$USER kept from earlier runs makes it shorter).
+  first, cold decode step after it; for the -compile contenders it is the compile time, or the
+  time to load what an earlier run compiled (llama_models.compiled keeps it in
+  ~/.cache/llama_models/compiled, keyed by model, dtype, threads, torch and CPU).
 - peak RSS: the process's VmHWM, mmapped weight pages included; GB = 10^9 bytes.
 - prefill tok/s: prompt tokens / time of the prompt's forward pass. decode tok/s: the timer
   starts once the first new token exists; new tokens after it / elapsed.
@@ -257,7 +260,8 @@ How to read this:
   run of at most 32 new tokens: its cost grows with the square of the length).
 - ours-bf16 and ours-fp32 pack their linear weights for oneDNN (llama_models.packed, the CPU
   default); ours-bf16-unpacked is the same model with plain F.linear layers (load(pack=False)).
-  -compile: the decode step through torch.compile (Transformer.compile_decode_step).
+  -compile: the decode step through torch.compile with Inductor's freezing, max-autotune GEMM
+  templates and C++ wrapper (llama_models.compiled), the weights left for Inductor to pack.
 - ours-bf16-2proc: the same bf16 model split over 2 processes by torchrun (gloo), 1 thread
   each instead of 2 threads in one process; peak RSS is the first process's alone."""
 

@@ -11,6 +11,7 @@ parallelism (all of it with one process).
 """
 
 import math
+from typing import Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -273,16 +274,20 @@ class Transformer(nn.Module):
         Returns:
             (batch, seq, vocab) float32 logits for the token after each position.
         """
-        bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size:
-            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
+        self._check_room(tokens, start_pos)
+        seqlen = tokens.shape[1]
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (S,)
         kv_len = start_pos + seqlen  # attend over the cache slots written so far, these included
         # A single new token may see every slot written so far: no mask.
         mask = causal_mask(positions, kv_len) if seqlen > 1 else None
         return self._logits(tokens, positions, kv_len, mask)
+
+    def _check_room(self, tokens: torch.Tensor, start_pos: int) -> None:
+        bsz, seqlen = tokens.shape
+        if bsz > self.params.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
 
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, mask) -> torch.Tensor:
         """The network itself: embed, the blocks, the final norm, the output head. (B, S, V) float32."""
@@ -301,40 +306,47 @@ class Transformer(nn.Module):
             logits[..., self.vocab_in_use:] = torch.finfo(logits.dtype).min
         return logits
 
-    def compile_decode_step(self) -> None:
-        """Make decode_step() run a torch.compile'd step: one graph for every decode step.
+    def compile_decode_step(self, options: Optional[dict] = None) -> None:
+        """Make decode_step() run through torch.compile: one compiled graph for every step.
 
-        Static shapes: the position goes in as a tensor, so each step looks the same to the
-        compiler and nothing recompiles as the text grows (see _static_decode_step). The price:
-        attention spans all max_seq_len cache slots, masked, so keep max_seq_len near what you
-        need. The first step compiles (tens of seconds; torch caches the result on disk, in
-        /tmp/torchinductor_$USER, so a later run takes a few seconds). With one process,
-        fairscale's embedding makes one graph break (dynamo cannot trace its autograd Function);
-        the blocks and the output head are one graph.
+        A graph has its shapes fixed when it is compiled, and a decode step's only shape that
+        changes from one step to the next is the number of cache slots attention reads, the text
+        so far. It goes in as the length of an empty tensor marked dynamic: a symbol in the
+        graph, not a constant, so one graph serves every position and a step costs what the text
+        so far costs. Everything else (one token per row, the weights) is fixed, and the
+        compiler specialises on it. A new shape (beam search's K rows, speculative decoding's
+        k + 1 tokens) compiles a graph of its own, once.
 
-        fairscale's linear layers (left where nothing packed or quantized them: Apple and other
-        ARM CPUs, bf16 without AVX512) would break the graph too, twice each: in one process their
-        communication is the identity, so they become plain nn.Linear layers over the same weights.
+        fairscale's layers would break the graph (its linears twice each, its embedding once: the
+        compiler cannot trace their autograd Functions). In one process their communication is
+        the identity, so they become plain nn.Linear and nn.Embedding layers over the same
+        weights. options: Inductor's (torch.compile(options=...)); llama_models.compiled chooses
+        them and where the compiled code is kept between runs.
         """
         if fs_init.get_model_parallel_world_size() == 1:
             replace_linears(self, _plain_linear)
-        self.compiled_step = torch.compile(self._static_decode_step, dynamic=False)
+            embedding = nn.Embedding(*self.tok_embeddings.weight.shape, device="meta")
+            embedding.weight = self.tok_embeddings.weight  # the same Parameter: a tied head stays tied
+            self.tok_embeddings = embedding
+        self.compiled_step = torch.compile(self._compiled_step, options=options)
 
     def decode_step(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """forward() for one new token per row, (B, 1) at position start_pos: eager, or compiled
-        after compile_decode_step(). Returns (B, 1, V) float32 logits."""
+        """forward() for the new tokens of a decode step, (B, S) at position start_pos: eager, or
+        compiled after compile_decode_step(). Returns (B, S, V) float32 logits."""
         if self.compiled_step is None:
             return self(tokens, start_pos)
-        return self.compiled_step(tokens, torch.tensor(start_pos, device=tokens.device))
+        self._check_room(tokens, start_pos)
+        span = torch.empty(start_pos + tokens.shape[1], dtype=torch.uint8, device=tokens.device)
+        torch._dynamo.mark_dynamic(span, 0)  # its length is a symbol of the graph: see compile_decode_step
+        return self.compiled_step(tokens, torch.tensor(start_pos, device=tokens.device), span)
 
-    def _static_decode_step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-        """forward() with the same shapes at every position, for torch.compile: start_pos is a
-        0-dim tensor, and attention spans the whole cache."""
-        # Positions as data, not as shapes: one compiled graph serves every step. The slots not
-        # written yet hold zeros (or a longer, earlier sequence); the mask hides them.
+    def _compiled_step(self, tokens: torch.Tensor, start_pos: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """forward(), compiled: the position as a 0-dim tensor, the slots to attend over as the
+        length of `span` (start_pos + seq)."""
         positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
-        kv_len = self.params.max_seq_len
-        return self._logits(tokens, positions, kv_len, causal_mask(positions, kv_len))
+        kv_len = span.shape[0]
+        mask = causal_mask(positions, kv_len) if tokens.shape[1] > 1 else None
+        return self._logits(tokens, positions, kv_len, mask)
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -75,7 +75,8 @@ class Stats:
             prefill = self.times[0] - self.start
             lines.append(f"prefill: {self.n_prompt / prefill:.1f} tok/s ({prefill:.3f} s, incl. the first new token)")
         if self.compiled and len(self.times) > 1:
-            lines.append(f"compile: {self.times[1] - self.times[0]:.1f} s (the first decode step)")
+            lines.append(f"compile: {self.times[1] - self.times[0]:.1f} s (the first decode step: compiling, or loading "
+                         f"what an earlier run compiled)")
         decode_times = self.times[1:] if self.compiled else self.times
         if len(decode_times) > 1:
             decode, steps = decode_times[-1] - decode_times[0], len(decode_times) - 1

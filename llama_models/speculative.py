@@ -278,7 +278,7 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
         # Transformer.forward). A stale entry beyond is never read before something overwrites
         # it: "rolling back" is just choosing start_pos. The draft's cache works the same way.
         start = len(tokens) - 1
-        logits = model(torch.tensor([[tokens[-1], *guesses]], device=model.device), start_pos=start)[0]  # (k+1, V)
+        logits = model.decode_step(torch.tensor([[tokens[-1], *guesses]], device=model.device), start)[0]  # (k+1, V)
         check_finite(logits, start + 1, model.dtype)
         if distribution is None:
             new = verify_greedy(logits, guesses)
