@@ -29,7 +29,7 @@ from .quantize import QUANTIZED_LINEARS
 
 # Inductor's options on the CPU (torch.compile(options=...)); on a GPU its defaults.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp_wrapper": True}
-CACHE_ROOT = Path("~/.cache/llama_models/compiled").expanduser()
+CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "llama_models" / "compiled"
 
 
 def compile_decode_step(model, model_dir: Path) -> None:
