@@ -6,11 +6,13 @@ model-parallel ones: with one process they are plain linears; under torchrun eac
 a slice of every matrix.
 
 Shapes in comments: B batch, S new tokens in this call, P start_pos, D dim, H query heads,
-K key/value heads, Hd head_dim, V vocab. "local" means this process's share under model
+K key/value heads, Hd head_dim, V vocab; "B|1": B, or 1 when every row shares it (the positions
+of a batch whose rows are all at the same point). "local" means this process's share under model
 parallelism (all of it with one process).
 """
 
 import math
+from typing import Sequence, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -98,14 +100,15 @@ def rope_table(args: ModelArgs) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
 
-    x: (B, S, heads, Hd); rope: (S, Hd/2, 2). Meta's layout pairs *adjacent* dimensions (Hugging
-    Face's pairs i with i + Hd/2, which is why HF conversions permute wq and wk). Meta does this
-    with complex numbers; real arithmetic gives the same float32 result and also runs on MPS.
+    x: (B, S, heads, Hd); rope: (B|1, S, Hd/2, 2), the angles of each row's positions. Meta's
+    layout pairs *adjacent* dimensions (Hugging Face's pairs i with i + Hd/2, which is why HF
+    conversions permute wq and wk). Meta does this with complex numbers; real arithmetic gives the
+    same float32 result and also runs on MPS.
     """
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, heads, Hd/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos = rope[None, :, None, :, 0]  # (1, S, 1, Hd/2)
-    sin = rope[None, :, None, :, 1]
+    cos = rope[:, :, None, :, 0]  # (B|1, S, 1, Hd/2)
+    sin = rope[:, :, None, :, 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(3).type_as(x)
 
@@ -140,19 +143,24 @@ class Attention(nn.Module):
         # that wants to look inside (explore.py) can swap in one that records the probabilities.
         self.attend = ScaledDotProductAttention(self.n_local_heads, self.n_local_kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
+    def forward(self, x: torch.Tensor, rows: slice, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
+        """rows: the batch's rows of the cache; positions: (B|1, S), where each row's new tokens go."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, S, H, Hd)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
 
-        # Write this call's keys and values at their positions, then attend over the first
-        # kv_len cache slots: the ones written so far (or, compiled, all of them; see forward).
-        self.cache_k[:bsz].index_copy_(1, positions, xk)
-        self.cache_v[:bsz].index_copy_(1, positions, xv)
-        keys = self.cache_k[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
-        values = self.cache_v[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
+        # Write this call's keys and values into the batch's rows, each row at its own positions
+        # (cache[b, positions[b, s]] = xk[b, s]), then attend over the first kv_len slots of each
+        # row: the ones written so far (or, compiled, all of them; see forward). Slicing the rows
+        # gives views: nothing is copied, whichever rows the batch lives in.
+        cache_k, cache_v = self.cache_k[rows], self.cache_v[rows]  # (B, max_seq_len, K, Hd) each
+        batch = torch.arange(bsz, device=x.device)[:, None]  # (B, 1): with positions, one (row, position) per token
+        cache_k[batch, positions] = xk
+        cache_v[batch, positions] = xv
+        keys = cache_k[:, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
+        values = cache_v[:, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
         out = self.attend(xq.transpose(1, 2), keys, values, mask)  # (B, H, S, Hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, S, H*Hd)
         return self.wo(out)
@@ -166,8 +174,8 @@ class ScaledDotProductAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
 
     def forward(self, xq, keys, values, mask):
-        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool, True = may
-        attend, or None. Returns (B, H, S, Hd)."""
+        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (B|1, 1, S, kv_len) bool,
+        True = may attend, or None. Returns (B, H, S, Hd)."""
         # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
         # sharing inside the kernel instead of materialising repeated copies of the cache; the
         # fused kernel never builds the (S, kv_len) matrix of probabilities either.
@@ -197,9 +205,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, positions, kv_len: int, rope, mask):
+    def forward(self, x, rows: slice, positions, kv_len: int, rope, mask):
         # Pre-norm residual block: normalise the input of each sub-layer, add its output back.
-        h = x + self.attention(self.attention_norm(x), positions, kv_len, rope, mask)
+        h = x + self.attention(self.attention_norm(x), rows, positions, kv_len, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -260,34 +268,48 @@ class Transformer(nn.Module):
                 # Indexing with a tensor copies the rows first, so overwriting in place is safe.
                 cache[:n, :end] = cache[rows, :end]  # (n, end, K, Hd)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def move_cache_row(self, source: int, target: int, end: int) -> None:
+        """Continuous batching (llama_models.batching): cache row `target` takes the keys and
+        values of row `source`, positions < end, in every layer; `source` is free after."""
+        for layer in self.layers:
+            for cache in (layer.attention.cache_k, layer.attention.cache_v):
+                cache[target, :end] = cache[source, :end]  # (end, K, Hd)
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, Sequence[int]], first_row: int = 0) -> torch.Tensor:
         """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.
 
         Args:
             tokens: (batch, seq) token ids. The KV cache already holds positions < start_pos.
             start_pos: position of tokens[:, 0]. Prefill with start_pos=0 and the whole prompt,
-                then call once per new token with seq=1 and start_pos = tokens so far.
+                then call once per new token with seq=1 and start_pos = tokens so far. A list
+                gives each row its own (serve.py: a batch of conversations, each at its own point).
+            first_row: the KV-cache row of tokens[0]; row b is cache row first_row + b (serve.py
+                prefills each new conversation alone, into the row it will decode in).
         Returns:
             (batch, seq, vocab) float32 logits for the token after each position.
         """
         bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size:
-            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (S,)
-        kv_len = start_pos + seqlen  # attend over the cache slots written so far, these included
-        # A single new token may see every slot written so far: no mask.
-        mask = causal_mask(positions, kv_len) if seqlen > 1 else None
-        return self._logits(tokens, positions, kv_len, mask)
+        starts = list(start_pos) if isinstance(start_pos, (list, tuple)) else [int(start_pos)]  # one, or one per row
+        if first_row + bsz > self.params.max_batch_size:
+            raise ValueError(f"rows up to {first_row + bsz} exceed max_batch_size={self.params.max_batch_size}")
+        kv_len = max(starts) + seqlen  # attend over the cache slots written so far, these included
+        if kv_len > self.params.max_seq_len:
+            raise ValueError(f"positions up to {kv_len} exceed max_seq_len={self.params.max_seq_len}")
+        positions = (torch.tensor(starts, device=tokens.device)[:, None]
+                     + torch.arange(seqlen, device=tokens.device))  # (B|1, S)
+        # A single new token may see every slot written so far: no mask. Unless the rows are at
+        # different positions: then a row behind the others must not see the slots past its own
+        # (zeros, or what the row's previous conversation left there).
+        mask = causal_mask(positions, kv_len) if seqlen > 1 or len(set(starts)) > 1 else None
+        return self._logits(tokens, slice(first_row, first_row + bsz), positions, kv_len, mask)
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, mask) -> torch.Tensor:
+    def _logits(self, tokens: torch.Tensor, rows: slice, positions: torch.Tensor, kv_len: int, mask) -> torch.Tensor:
         """The network itself: embed, the blocks, the final norm, the output head. (B, S, V) float32."""
         h = self.tok_embeddings(tokens)  # (B, S, D)
         self.rope = self.rope.to(tokens.device)  # a no-op once it is there
-        rope = self.rope[positions]  # (S, Hd/2, 2)
+        rope = self.rope[positions]  # (B|1, S, Hd/2, 2)
         for layer in self.layers:
-            h = layer(h, positions, kv_len, rope, mask)
+            h = layer(h, rows, positions, kv_len, rope, mask)
         h = self.norm(h)
         return self.output(h).float()  # (B, S, V)
 
@@ -310,27 +332,28 @@ class Transformer(nn.Module):
             replace_linears(self, _plain_linear)
         self.compiled_step = torch.compile(self._static_decode_step, dynamic=False)
 
-    def decode_step(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """forward() for one new token per row, (B, 1) at position start_pos: eager, or compiled
-        after compile_decode_step(). Returns (B, 1, V) float32 logits."""
+    def decode_step(self, tokens: torch.Tensor, start_pos: Union[int, Sequence[int]]) -> torch.Tensor:
+        """forward() for one new token per row, (B, 1) at position start_pos (one for all rows,
+        or a list: each row's): eager, or compiled after compile_decode_step(). Returns (B, 1, V)
+        float32 logits."""
         if self.compiled_step is None:
             return self(tokens, start_pos)
         return self.compiled_step(tokens, torch.tensor(start_pos, device=tokens.device))
 
     def _static_decode_step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         """forward() with the same shapes at every position, for torch.compile: start_pos is a
-        0-dim tensor, and attention spans the whole cache."""
+        0-dim tensor (or (B,): each row's), and attention spans the whole cache."""
         # Positions as data, not as shapes: one compiled graph serves every step. The slots not
         # written yet hold zeros (or a longer, earlier sequence); the mask hides them.
-        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
+        positions = start_pos.reshape(-1, 1) + torch.arange(tokens.shape[1], device=tokens.device)  # (B|1, S)
         kv_len = self.params.max_seq_len
-        return self._logits(tokens, positions, kv_len, causal_mask(positions, kv_len))
+        return self._logits(tokens, slice(0, tokens.shape[0]), positions, kv_len, causal_mask(positions, kv_len))
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """(S, kv_len) bool, True = may attend: the token at positions[i] sees every earlier position
-    and itself, not later ones."""
+    """(B|1, 1, S, kv_len) bool, True = may attend: the token at positions[b, i] sees every
+    earlier position of its row and itself, not later ones. positions: (B|1, S)."""
     # A boolean comparison rather than Meta's torch.triu of -inf, which returns NaN on MPS
-    # (pytorch/pytorch#100005).
+    # (pytorch/pytorch#100005). The 1 is the heads' dimension: every head masks alike.
     key_pos = torch.arange(kv_len, device=positions.device)  # (kv_len,)
-    return key_pos[None, :] <= positions[:, None]  # (S, kv_len)
+    return (key_pos <= positions[:, :, None])[:, None]  # (B|1, 1, S, kv_len)
