@@ -176,11 +176,20 @@ class ScaledDotProductAttention(nn.Module):
     def forward(self, xq, keys, values, mask):
         """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (B|1, 1, S, kv_len) bool,
         True = may attend, or None. Returns (B, H, S, Hd)."""
-        # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
-        # sharing inside the kernel instead of materialising repeated copies of the cache; the
-        # fused kernel never builds the (S, kv_len) matrix of probabilities either.
-        return F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
-                                              enable_gqa=self.n_heads != self.n_kv_heads)
+        # Grouped-query attention: the H/K query heads that share a key/value head are, to that
+        # head, just more queries. Stacked as query rows of their kv head (head h is kv head
+        # h // group's, as in Meta's repeat_kv), they make one attention per kv head over H/K * S
+        # queries: no repeated copies of the cache, and on the CPU in bfloat16 a decode step's
+        # attention several times faster than the kernel's own enable_gqa, which runs each query
+        # head apart (docs/benchmarks.md#grouped-query-attention). The fused kernel never builds
+        # the matrix of probabilities either.
+        bsz, _, seqlen, head_dim = xq.shape
+        group = self.n_heads // self.n_kv_heads
+        xq = xq.reshape(bsz, self.n_kv_heads, group * seqlen, head_dim)  # (B, K, H/K * S, Hd): rows (head in group, s)
+        if mask is not None:
+            mask = mask.repeat(1, 1, group, 1)  # (B|1, 1, H/K * S, kv_len): each head of a group masks alike
+        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(head_dim))
+        return out.reshape(bsz, self.n_heads, seqlen, head_dim)  # (B, H, S, Hd)
 
 
 class FeedForward(nn.Module):
