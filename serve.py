@@ -45,6 +45,7 @@ Ctrl-C lets the open requests' current step finish, tells their clients the serv
 and exits.
 """
 
+import contextlib
 import hmac
 import itertools
 import json
@@ -436,7 +437,8 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, model, tokenizer, model_id: str, *, slots: int, queue_size: int, api_key,
                  max_request_bytes: int, sampling: dict, log):
-        super().__init__(address, Handler)
+        self.connections: set[socket.socket] = set()  # the clients' connections, open now
+        super().__init__(address, Handler)  # binds: an OSError if it cannot
         self.model_id, self.tokenizer, self.device, self.log = model_id, tokenizer, model.device, log
         self.max_seq_len, self.vocab_size, self.slots = model.params.max_seq_len, model.params.vocab_size, slots
         self.temperature, self.top_p, self.top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
@@ -461,6 +463,26 @@ class Server(ThreadingHTTPServer):
                            f"try again shortly", kind="requests", code="rate_limit_exceeded",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         self.open.add(request)
+
+    def process_request(self, connection, client_address):
+        self.connections.add(connection)
+        super().process_request(connection, client_address)  # its thread runs a Handler
+
+    def shutdown_request(self, connection):
+        self.connections.discard(connection)
+        super().shutdown_request(connection)
+
+    def server_close(self, wait_s: float = 5.0) -> None:
+        """Stop listening, then end the connections still open: a client's idle keep-alive
+        connection keeps its thread waiting for a next request, and a thread still running when
+        the interpreter exits can take the process down with it. Waits up to wait_s for them."""
+        super().server_close()
+        for connection in list(self.connections):
+            with contextlib.suppress(OSError):  # its client closed it already
+                connection.shutdown(socket.SHUT_RDWR)  # the thread reads the end and finishes
+        deadline = time.monotonic() + wait_s
+        while self.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class Handler(BaseHTTPRequestHandler):
