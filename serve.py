@@ -464,6 +464,13 @@ class Server(ThreadingHTTPServer):
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         self.open.add(request)
 
+    def handle_error(self, connection, client_address):
+        """What escaped a handler (the socket failed between requests): quiet for a client gone,
+        one line for anything else, never a traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            self.log(f"connection from {client_address[0]}: {type(error).__name__}: {error}")
+
     def process_request(self, connection, client_address):
         self.connections.add(connection)
         super().process_request(connection, client_address)  # its thread runs a Handler
@@ -515,6 +522,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(e.status, e.body, e.headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client went away: nobody to tell
+        except Exception as e:  # a bug: one line in the log, the connection closed, the server goes on
+            self.server.log(f"{self.command} {path}: failed ({type(e).__name__}: {e}); the connection is closed")
+            self.close_connection = True
 
     def check_key(self) -> None:
         key = self.server.api_key
@@ -663,6 +673,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, an unknown method) as OpenAI's
+        error object too, and one line in the log."""
+        error = ApiError(code, message or explain or "the request could not be read")
+        self.server.log(f"{self.requestline or 'a request'}: {code} {error}")
+        self.close_connection = True
+        self.send_json(code, error.body)
 
     def log_message(self, format, *args):
         pass  # the model thread logs each request's life, handle_api each refusal

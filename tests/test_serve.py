@@ -8,6 +8,7 @@ import http.client
 import json
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -317,6 +318,17 @@ def test_models_health_and_plain_completions(tiny):
     text, n_tokens, logprobs = alone(tiny["reference"], tokenizer, prompt, 12)
     assert completion.choices[0].text == text and completion.usage.completion_tokens == n_tokens == 12
     assert completion.choices[0].logprobs.token_logprobs == pytest.approx([s.max().item() for s in logprobs], abs=1e-5)
+
+
+def test_what_http_server_refuses_itself_is_an_error_object_too(tiny):
+    port = tiny["server"].server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("PUT", "/v1/models")
+    response = connection.getresponse()
+    assert response.status == 501 and json.loads(response.read())["error"]["message"]
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+        raw.sendall(b"NONSENSE\r\n\r\n")  # not even a request line: HTTP/0.9, a body alone
+        assert json.loads(raw.makefile("rb").read())["error"]["message"].startswith("Bad request syntax")
 
 
 # --- a client that leaves, a full queue ---------------------------------------------------------
