@@ -153,7 +153,8 @@ class Request:
         if cuts:
             self.held = ""
             return held[:min(cuts)], True
-        keep = 0 if final else max((n for stop in self.options.stop for n in range(1, len(stop))
+        # (n up to the held text's length: a long stop string costs no more than the text itself)
+        keep = 0 if final else max((n for stop in self.options.stop for n in range(1, min(len(stop), len(held) + 1))
                                     if held.endswith(stop[:n])), default=0)
         self.held = held[len(held) - keep:]
         return held[:len(held) - keep], False
@@ -309,12 +310,12 @@ def parse_options(body: dict, server, prompt: list[int], chat: bool) -> Options:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; this server's context is {server.max_seq_len} "
                        f"tokens (--max-seq-len), prompt and answer together", param="messages" if chat else "prompt",
                        code="context_length_exceeded")
-    max_tokens = option(body, "max_tokens", "an integer", room, lambda n: n >= 1, "at least 1")
-    max_tokens = option(body, "max_completion_tokens", "an integer", max_tokens, lambda n: n >= 1, "at least 1")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"  # the newer wins
+    max_tokens = option(body, name, "an integer", room, lambda n: n >= 1, "at least 1")
     if max_tokens > room:
-        raise ApiError(400, f"max_tokens is {max_tokens}, but after the {len(prompt)}-token prompt there is room for "
+        raise ApiError(400, f"{name} is {max_tokens}, but after the {len(prompt)}-token prompt there is room for "
                        f"{room} in this server's context of {server.max_seq_len} (--max-seq-len)",
-                       param="max_tokens", code="context_length_exceeded")
+                       param=name, code="context_length_exceeded")
     stream = option(body, "stream", "a boolean", False)
     include_usage = option(option(body, "stream_options", "an object", {}), "include_usage", "a boolean", False)
     if chat:
