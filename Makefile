@@ -3,10 +3,12 @@
 #   make demo   - the quick start: a small open model, converted once, answering a question
 #   make chat   - a conversation with that model in the terminal (chat.py)
 #   make explore - inside that model: the logit lens and attention as pictures (explore.py) -> figures/
+#   make serve  - that model behind an OpenAI-compatible API on http://127.0.0.1:8000/v1 (serve.py)
 #   make bench  - this project vs transformers vs llama.cpp -> benchmarks/RESULTS.md (QUICK=1: a smoke test)
 #   make bench-quality - perplexity and KL divergence of every precision, ours and llama.cpp's -> benchmarks/RESULTS-quality.md
 #   make bench-8b - peak memory of a random 8B-shaped model in bf16 and int8 -> benchmarks/RESULTS-8b.md
 #   make bench-offload - the 8B model streamed from disk under a 4 GB budget -> benchmarks/RESULTS.md
+#   make bench-serve - 1, 2, 4, 8 clients at once: serve.py against llama-cpp-python's server -> benchmarks/RESULTS-serve.md
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +23,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 # Where `make demo` puts it, converted to Meta's format: beside Meta's own downloads.
 SMOLLM2_DIR := $(HOME)/.llama/checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo chat explore bench bench-quality bench-8b bench-offload
+.PHONY: test demo chat explore serve bench bench-quality bench-8b bench-offload bench-serve
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +79,9 @@ explore: $(VENV)/.explore $(SMOLLM2_DIR)
 	$(PY) explore.py --model-dir $(SMOLLM2_DIR) --sections lens --plot $(FIGURES)
 	@echo "the figures are in $(CURDIR)/$(FIGURES)/"
 
+serve: $(SMOLLM2_DIR)
+	$(PY) serve.py --model-dir $(SMOLLM2_DIR)
+
 # --- Benchmarks (never in CI: llama-cpp-python builds llama.cpp from source, once) ---
 BENCH := benchmarks/work
 LLAMA3_TOKENIZER := $(META_REF)/models/llama3/tokenizer.model
@@ -125,3 +130,8 @@ bench-8b: $(VENV)/.bench $(BENCH)/llama3.1-8b
 # the disk's read bandwidth measured in the same run -> appended to benchmarks/RESULTS.md.
 bench-offload: $(VENV)/.runtime $(BENCH)/llama3.1-8b
 	$(PY) benchmarks/offload.py $(BENCH)/llama3.1-8b --max-memory 4GB --append benchmarks/RESULTS.md
+
+# Several streaming clients at once against serve.py (bf16, int8) and llama-cpp-python's own
+# server (llama_cpp.server, from the [server] extra) on the same weights as BF16 and Q8_0 GGUF files.
+bench-serve: $(VENV)/.bench $(BENCH)/SmolLM2-135M-Instruct-BF16.gguf
+	$(PY) benchmarks/serve.py $(BENCH)/SmolLM2-135M-Instruct --out benchmarks/RESULTS-serve.md

@@ -82,7 +82,7 @@ class RecordedAttention(nn.Module):
         self.weights = None  # (B, H, S, kv_len) float32, the last call's
 
     def forward(self, xq, keys, values, mask):
-        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool or None."""
+        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (B|1, 1, S, kv_len) bool or None."""
         group = self.n_heads // self.n_kv_heads
         keys = keys.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd): query head h reads kv head h // group
         values = values.repeat_interleave(group, dim=1)  # (B, H, kv_len, Hd)

@@ -13,7 +13,8 @@ greedy() takes the most likely token each step, sample() draws one from sampling
 Both are generators: they yield each token as it is chosen, so the caller can print it at once,
 and stop at a stop token (yielded last, never fed back) or after max_new_tokens. TextStream turns
 the yielded ids into text as soon as each character is complete. run_inference.py adds beam
-search; llama_models.speculative checks several proposed tokens per pass.
+search; llama_models.speculative checks several proposed tokens per pass; llama_models.batching
+decodes several texts together, one step for all (serve.py).
 """
 
 import codecs
@@ -81,8 +82,8 @@ def greedy(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens,
             float32, the scores it was chosen from.
     Every token yielded is fed back to the model, except a stop token.
     """
-    return generate(model, prompt_tokens, lambda logits: int(logits.argmax()), max_new_tokens=max_new_tokens,
-                    stop_tokens=stop_tokens, start_pos=start_pos, on_token=on_token)
+    return generate(model, prompt_tokens, argmax, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                    start_pos=start_pos, on_token=on_token)
 
 
 def sample(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens, temperature: float,
@@ -96,15 +97,30 @@ def sample(model, prompt_tokens: list[int], *, max_new_tokens: int, stop_tokens,
         # The limit T -> 0 puts all the mass on the argmax; dividing by 0 would give NaNs.
         return greedy(model, prompt_tokens, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                       start_pos=start_pos, on_token=on_token)
-    # A private generator: reproducible whatever else in the process draws random numbers.
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    return generate(model, prompt_tokens, sampler(temperature, top_k, top_p, seed, model.device),
+                    max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, start_pos=start_pos, on_token=on_token)
+
+
+def argmax(logits: torch.Tensor) -> int:
+    """Greedy's choice: the id of the highest of the (V,) logits."""
+    return int(logits.argmax())
+
+
+def sampler(temperature: float, top_k: int, top_p: float, seed: int, device) -> Callable[[torch.Tensor], int]:
+    """sample()'s choice: a function that draws a token id from sampling_distribution() of (V,)
+    logits, with draws of its own (temperature > 0).
+
+    A private generator per text: reproducible whatever else in the process draws random numbers,
+    and, in a server that decodes several texts together (serve.py), each text's draws are the
+    ones it would get alone.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def draw(logits):
         probs = sampling_distribution(logits, temperature, top_k, top_p)
         return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
-    return generate(model, prompt_tokens, draw, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                    start_pos=start_pos, on_token=on_token)
+    return draw
 
 
 @torch.inference_mode()  # no autograd graph: it would chain every step through the cache

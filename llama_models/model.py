@@ -6,12 +6,13 @@ model-parallel ones: with one process they are plain linears; under torchrun eac
 a slice of every matrix.
 
 Shapes in comments: B batch, S new tokens in this call, P start_pos, D dim, H query heads,
-K key/value heads, Hd head_dim, V vocab. "local" means this process's share under model
+K key/value heads, Hd head_dim, V vocab; "B|1": B, or 1 when every row shares it (the positions
+of a batch whose rows are all at the same point). "local" means this process's share under model
 parallelism (all of it with one process).
 """
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -99,14 +100,15 @@ def rope_table(args: ModelArgs) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
 
-    x: (B, S, heads, Hd); rope: (S, Hd/2, 2). Meta's layout pairs *adjacent* dimensions (Hugging
-    Face's pairs i with i + Hd/2, which is why HF conversions permute wq and wk). Meta does this
-    with complex numbers; real arithmetic gives the same float32 result and also runs on MPS.
+    x: (B, S, heads, Hd); rope: (B|1, S, Hd/2, 2), the angles of each row's positions. Meta's
+    layout pairs *adjacent* dimensions (Hugging Face's pairs i with i + Hd/2, which is why HF
+    conversions permute wq and wk). Meta does this with complex numbers; real arithmetic gives the
+    same float32 result and also runs on MPS.
     """
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, heads, Hd/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos = rope[None, :, None, :, 0]  # (1, S, 1, Hd/2)
-    sin = rope[None, :, None, :, 1]
+    cos = rope[:, :, None, :, 0]  # (B|1, S, 1, Hd/2)
+    sin = rope[:, :, None, :, 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(3).type_as(x)
 
@@ -141,19 +143,24 @@ class Attention(nn.Module):
         # that wants to look inside (explore.py) can swap in one that records the probabilities.
         self.attend = ScaledDotProductAttention(self.n_local_heads, self.n_local_kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
+    def forward(self, x: torch.Tensor, rows: slice, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
+        """rows: the batch's rows of the cache; positions: (B|1, S), where each row's new tokens go."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, S, H, Hd)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
 
-        # Write this call's keys and values at their positions, then attend over the first
-        # kv_len cache slots: the ones written so far (or, compiled, all of them; see forward).
-        self.cache_k[:bsz].index_copy_(1, positions, xk)
-        self.cache_v[:bsz].index_copy_(1, positions, xv)
-        keys = self.cache_k[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
-        values = self.cache_v[:bsz, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
+        # Write this call's keys and values into the batch's rows, each row at its own positions
+        # (cache[b, positions[b, s]] = xk[b, s]), then attend over the first kv_len slots of each
+        # row: the ones written so far (the rows behind, masked past their own). Slicing the rows
+        # gives views: nothing is copied, whichever rows the batch lives in.
+        cache_k, cache_v = self.cache_k[rows], self.cache_v[rows]  # (B, max_seq_len, K, Hd) each
+        batch = torch.arange(bsz, device=x.device)[:, None]  # (B, 1): with positions, one (row, position) per token
+        cache_k[batch, positions] = xk
+        cache_v[batch, positions] = xv
+        keys = cache_k[:, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
+        values = cache_v[:, :kv_len].transpose(1, 2)  # (B, K, kv_len, Hd)
         out = self.attend(xq.transpose(1, 2), keys, values, mask)  # (B, H, S, Hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, S, H*Hd)
         return self.wo(out)
@@ -167,13 +174,22 @@ class ScaledDotProductAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
 
     def forward(self, xq, keys, values, mask):
-        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (S, kv_len) bool, True = may
-        attend, or None. Returns (B, H, S, Hd)."""
-        # Grouped-query attention: H/K query heads share each key/value head. enable_gqa does the
-        # sharing inside the kernel instead of materialising repeated copies of the cache; the
-        # fused kernel never builds the (S, kv_len) matrix of probabilities either.
-        return F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
-                                              enable_gqa=self.n_heads != self.n_kv_heads)
+        """xq: (B, H, S, Hd); keys, values: (B, K, kv_len, Hd); mask: (B|1, 1, S, kv_len) bool,
+        True = may attend, or None. Returns (B, H, S, Hd)."""
+        # Grouped-query attention: the H/K query heads that share a key/value head are, to that
+        # head, just more queries. Stacked as query rows of their kv head (head h is kv head
+        # h // group's, as in Meta's repeat_kv), they make one attention per kv head over H/K * S
+        # queries: no repeated copies of the cache, and on the CPU in bfloat16 a decode step's
+        # attention several times faster than the kernel's own enable_gqa, which runs each query
+        # head apart (docs/benchmarks.md#grouped-query-attention). The fused kernel never builds
+        # the matrix of probabilities either.
+        bsz, _, seqlen, head_dim = xq.shape
+        group = self.n_heads // self.n_kv_heads
+        xq = xq.reshape(bsz, self.n_kv_heads, group * seqlen, head_dim)  # (B, K, H/K * S, Hd): rows (head in group, s)
+        if mask is not None:
+            mask = mask.repeat(1, 1, group, 1)  # (B|1, 1, H/K * S, kv_len): each head of a group masks alike
+        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(head_dim))
+        return out.reshape(bsz, self.n_heads, seqlen, head_dim)  # (B, H, S, Hd)
 
 
 class FeedForward(nn.Module):
@@ -198,9 +214,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, positions, kv_len: int, rope, mask):
+    def forward(self, x, rows: slice, positions, kv_len: int, rope, mask):
         # Pre-norm residual block: normalise the input of each sub-layer, add its output back.
-        h = x + self.attention(self.attention_norm(x), positions, kv_len, rope, mask)
+        h = x + self.attention(self.attention_norm(x), rows, positions, kv_len, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -264,38 +280,52 @@ class Transformer(nn.Module):
                 # Indexing with a tensor copies the rows first, so overwriting in place is safe.
                 cache[:n, :end] = cache[rows, :end]  # (n, end, K, Hd)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def move_cache_row(self, source: int, target: int, end: int) -> None:
+        """Continuous batching (llama_models.batching): cache row `target` takes the keys and
+        values of row `source`, positions < end, in every layer; `source` is free after."""
+        for layer in self.layers:
+            for cache in (layer.attention.cache_k, layer.attention.cache_v):
+                cache[target, :end] = cache[source, :end]  # (end, K, Hd)
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, Sequence[int]], first_row: int = 0) -> torch.Tensor:
         """Logits for `tokens`, which sit at positions start_pos .. start_pos + seq - 1.
 
         Args:
             tokens: (batch, seq) token ids. The KV cache already holds positions < start_pos.
             start_pos: position of tokens[:, 0]. Prefill with start_pos=0 and the whole prompt,
-                then call once per new token with seq=1 and start_pos = tokens so far.
+                then call once per new token with seq=1 and start_pos = tokens so far. A list
+                gives each row its own (serve.py: a batch of conversations, each at its own point).
+            first_row: the KV-cache row of tokens[0]; row b is cache row first_row + b (serve.py
+                prefills each new conversation alone, into the row it will decode in).
         Returns:
             (batch, seq, vocab) float32 logits for the token after each position.
         """
-        self._check_room(tokens, start_pos)
         seqlen = tokens.shape[1]
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (S,)
-        kv_len = start_pos + seqlen  # attend over the cache slots written so far, these included
-        # A single new token may see every slot written so far: no mask.
-        mask = causal_mask(positions, kv_len) if seqlen > 1 else None
-        return self._logits(tokens, positions, kv_len, mask)
+        starts = list(start_pos) if isinstance(start_pos, (list, tuple)) else [int(start_pos)]  # one, or one per row
+        kv_len = max(starts) + seqlen  # attend over the cache slots written so far, these included
+        self._check_room(tokens, first_row, kv_len)
+        positions = (torch.tensor(starts, device=tokens.device)[:, None]
+                     + torch.arange(seqlen, device=tokens.device))  # (B|1, S)
+        # A single new token may see every slot written so far: no mask. Unless the rows are at
+        # different positions: then a row behind the others must not see the slots past its own
+        # (zeros, or what the row's previous conversation left there).
+        mask = causal_mask(positions, kv_len) if seqlen > 1 or len(set(starts)) > 1 else None
+        return self._logits(tokens, slice(first_row, first_row + tokens.shape[0]), positions, kv_len, mask)
 
-    def _check_room(self, tokens: torch.Tensor, start_pos: int) -> None:
-        bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size:
-            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
+    def _check_room(self, tokens: torch.Tensor, first_row: int, kv_len: int) -> None:
+        if first_row + tokens.shape[0] > self.params.max_batch_size:
+            raise ValueError(f"rows up to {first_row + tokens.shape[0]} exceed max_batch_size="
+                             f"{self.params.max_batch_size}")
+        if kv_len > self.params.max_seq_len:
+            raise ValueError(f"positions up to {kv_len} exceed max_seq_len={self.params.max_seq_len}")
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, mask) -> torch.Tensor:
+    def _logits(self, tokens: torch.Tensor, rows: slice, positions: torch.Tensor, kv_len: int, mask) -> torch.Tensor:
         """The network itself: embed, the blocks, the final norm, the output head. (B, S, V) float32."""
         h = self.tok_embeddings(tokens)  # (B, S, D)
         self.rope = self.rope.to(tokens.device)  # a no-op once it is there
-        rope = self.rope[positions]  # (S, Hd/2, 2)
+        rope = self.rope[positions]  # (B|1, S, Hd/2, 2)
         for layer in self.layers:
-            h = layer(h, positions, kv_len, rope, mask)
+            h = layer(h, rows, positions, kv_len, rope, mask)
         return self.output_logits(self.norm(h))
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -335,7 +365,7 @@ class Transformer(nn.Module):
         compiled after compile_decode_step(). Returns (B, S, V) float32 logits."""
         if self.compiled_step is None:
             return self(tokens, start_pos)
-        self._check_room(tokens, start_pos)
+        self._check_room(tokens, 0, start_pos + tokens.shape[1])
         span = torch.empty(start_pos + tokens.shape[1], dtype=torch.uint8, device=tokens.device)
         torch._dynamo.mark_dynamic(span, 0)  # its length is a symbol of the graph: see compile_decode_step
         return self.compiled_step(tokens, torch.tensor(start_pos, device=tokens.device), span)
@@ -343,16 +373,16 @@ class Transformer(nn.Module):
     def _compiled_step(self, tokens: torch.Tensor, start_pos: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
         """forward(), compiled: the position as a 0-dim tensor, the slots to attend over as the
         length of `span` (start_pos + seq)."""
-        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
+        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, S)
         kv_len = span.shape[0]
         mask = causal_mask(positions, kv_len) if tokens.shape[1] > 1 else None
-        return self._logits(tokens, positions, kv_len, mask)
+        return self._logits(tokens, slice(0, tokens.shape[0]), positions, kv_len, mask)
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """(S, kv_len) bool, True = may attend: the token at positions[i] sees every earlier position
-    and itself, not later ones."""
+    """(B|1, 1, S, kv_len) bool, True = may attend: the token at positions[b, i] sees every
+    earlier position of its row and itself, not later ones. positions: (B|1, S)."""
     # A boolean comparison rather than Meta's torch.triu of -inf, which returns NaN on MPS
-    # (pytorch/pytorch#100005).
+    # (pytorch/pytorch#100005). The 1 is the heads' dimension: every head masks alike.
     key_pos = torch.arange(kv_len, device=positions.device)  # (kv_len,)
-    return key_pos[None, :] <= positions[:, None]  # (S, kv_len)
+    return (key_pos <= positions[:, :, None])[:, None]  # (B|1, 1, S, kv_len)

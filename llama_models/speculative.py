@@ -284,9 +284,7 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
             new = verify_greedy(logits, guesses)
         else:
             new = verify_sampled(logits, guesses, draft_probs, distribution, draws)
-        if on_pass:
-            # new = the kept guesses + one token of the model's. A stop token ends the text: guesses
-            # kept after it are not used, so they do not count as accepted.
+        if on_pass:  # new = the kept guesses + one of the model's; guesses after a stop token are not used
             end = next((i + 1 for i, token in enumerate(new) if token in stop_tokens), len(new))
             on_pass(guesses, min(end, len(new) - 1))
         for i, token in enumerate(new):  # row i of the logits is the one token i was chosen from

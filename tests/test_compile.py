@@ -132,5 +132,5 @@ def test_script_reports_compile_time_apart(tmp_path, capsys):
     run_inference.main(["--model-dir", str(model_dir), "--prompt", "hello", "--compile", "--max-new-tokens", "6",
                         "--max-seq-len", "64", "--no-chat"])
     report = capsys.readouterr().err
-    assert "compile: " in report and "(the first decode step)" in report
+    assert "compile: " in report and "(the first decode step: compiling, or loading" in report
     assert "decode: " in report and "after the first two" in report

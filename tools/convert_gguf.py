@@ -400,10 +400,9 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path],
         gguf_path = ollama.find_model(str(source)[len(ollama.PREFIX):]) if is_ollama else Path(source)
     except ollama.OllamaError as e:
         raise ConversionError(str(e)) from None
-    if gguf_path.is_dir():
-        raise ConversionError(f"{gguf_path} is a directory; give the .gguf file in it")
     if not gguf_path.is_file():
-        raise ConversionError(f"{gguf_path} not found")
+        raise ConversionError(f"{gguf_path} is a directory; give the .gguf file in it" if gguf_path.is_dir()
+                              else f"{gguf_path} not found")
     try:
         reader = gguf.GGUFReader(gguf_path)
         params = read_params(reader)
