@@ -279,7 +279,7 @@ def main(argv=None):
         start = time.perf_counter()
         model, tokenizer = llama_models.load(args.model_dir, device=device, dtype=args.dtype,
                                              max_seq_len=args.max_seq_len, quantize=args.quantize,
-                                             max_memory=args.max_memory, pack=not args.compile)
+                                             max_memory=args.max_memory)
         load_s = time.perf_counter() - start
         chat_format = llama_models.ChatFormat(tokenizer)  # ValueError for a model without a chat format
         if args.compile:

@@ -260,7 +260,7 @@ def load(args):
         model, tokenizer = llama_models.load(
             args.model_dir, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
             max_batch_size=args.beam_width if args.decoding == "beam" else 1,
-            quantize=args.quantize, max_memory=args.max_memory, pack=not args.compile)  # compiled: Inductor packs
+            quantize=args.quantize, max_memory=args.max_memory)
         if isinstance(draft, speculative.DraftModel):
             speculative.check_same_vocabulary(args.model_dir, args.draft, model, draft.model)
         load_s = time.perf_counter() - start

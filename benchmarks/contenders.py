@@ -48,8 +48,7 @@ class Ours:
 
     def load(self, work: Path, dtype: str, max_seq_len: int, quantize=None, pack=True, compile=False):
         self.model, _ = self.llama_models.load(work, device="cpu", dtype=getattr(self.torch, dtype),
-                                               max_seq_len=max_seq_len, quantize=quantize,
-                                               pack=pack and not compile)  # compiled: Inductor packs
+                                               max_seq_len=max_seq_len, quantize=quantize, pack=pack)
         if compile:  # as --compile does: compiles at the first decode step, or loads what it compiled before
             from llama_models import compiled
 

@@ -261,7 +261,7 @@ How to read this:
 - ours-bf16 and ours-fp32 pack their linear weights for oneDNN (llama_models.packed, the CPU
   default); ours-bf16-unpacked is the same model with plain F.linear layers (load(pack=False)).
   -compile: the decode step through torch.compile with Inductor's freezing, max-autotune GEMM
-  templates and C++ wrapper (llama_models.compiled), the weights left for Inductor to pack.
+  templates and C++ wrapper (llama_models.compiled); bf16 and fp32 weights stay packed for oneDNN.
 - ours-bf16-2proc: the same bf16 model split over 2 processes by torchrun (gloo), 1 thread
   each instead of 2 threads in one process; peak RSS is the first process's alone."""
 

@@ -3,11 +3,13 @@
 Eagerly, a decode step is a few hundred small kernel calls (7 matrix products and ~20 small ops a
 block), each dispatched from Python; on a CPU a small model spends much of a step between them.
 torch.compile traces the step into one graph and Inductor, its compiler, writes C++ for it:
-  - freezing: the weights are constants of the graph, so Inductor packs them into its own layout
-    once (as llama_models.packed does by hand in eager mode) and folds what depends on them alone;
-  - max_autotune, with its C++ GEMM templates: for each matrix product, several kernels are
-    generated and timed on this machine, and the fastest kept (including the weight-only int8 and
-    int4 micro-kernels, for --quantize);
+  - freezing: the weights become constants of the graph, and what depends on them alone is
+    computed once, when compiling;
+  - max_autotune, with its C++ GEMM templates: for each matrix product Inductor writes itself
+    (the weight-only int8 and int4 layers' among them), several kernels are generated and timed on
+    this machine, and the fastest kept. bf16 and float32 linear layers stay packed for oneDNN
+    (llama_models.packed) and are called as they are: measured, that beat leaving them to
+    Inductor (docs/benchmarks.md#compiled-decoding), and the eager prefill keeps them fast;
   - the C++ wrapper: the code between the kernels is C++ too, no Python on the way.
 That search is why the first compile takes minutes. Inductor keeps what it made on disk; the
 directory is keyed by everything that would make the result wrong or slow elsewhere: the

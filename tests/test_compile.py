@@ -35,7 +35,7 @@ def tied(model_dir):
 
 
 def load(model_dir, compile_it, **kwargs):
-    model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32, pack=not compile_it,
+    model, tokenizer = llama_models.load(model_dir, device="cpu", dtype=torch.float32,
                                          **{"max_seq_len": 128, **kwargs})
     if compile_it:
         compiled.compile_decode_step(model, model_dir)
