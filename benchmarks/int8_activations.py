@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
 import machine  # noqa: E402  (beside this script)
 import quality  # noqa: E402
-from llama_models.model import replace_linears  # noqa: E402
 from llama_models.quantize import Int8Linear  # noqa: E402
 
 SHAPES = {"wq/wo 2048x2048": (2048, 2048), "wk/wv 512x2048": (512, 2048), "w1/w3 8192x2048": (8192, 2048),
@@ -134,10 +133,7 @@ def main():
              f"Quality on {opts.model_dir.name}, {opts.tokens} tokens of Python's documentation, windows of "
              f"{opts.ctx} (llama.cpp's Q8_0 on the same weights: see RESULTS-quality.md).", "",
              *quality_table(opts.model_dir, opts.tokens, opts.ctx)]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if opts.out:
-        opts.out.write_text(table)
+    machine.publish(lines, opts.out)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,11 @@ def _cpuinfo(key: str):
     except OSError:  # not Linux
         return None
     return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == key), None)
+
+
+def publish(lines: list, out) -> None:
+    """A results file's lines: printed, and written to `out` when one is given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)

@@ -136,10 +136,7 @@ def main():
     for name, t in totals.items():
         lines.append(f"| {name} | {math.exp(t['nll'] / scored):.4f} | {t['kl'] / scored:.5f} | "
                      f"{100 * t['top1'] / scored:.2f}% |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if opts.out:
-        opts.out.write_text(table)
+    machine.publish(lines, opts.out)
 
 
 if __name__ == "__main__":

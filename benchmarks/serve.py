@@ -221,10 +221,7 @@ def main():
         f"which answers one request at a time.", "",
         *table(results, opts.clients), "", *ratios(results, 4),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if opts.out:
-        opts.out.write_text(text)
+    machine.publish(lines, opts.out)
 
 
 if __name__ == "__main__":

@@ -245,10 +245,7 @@ def main():
         "",
     ]
     lines += results_table(rows, texts) + step_cost_lines(costs, k) + prediction_lines(rows, costs, k)
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if opts.out:
-        opts.out.write_text(report)
+    machine.publish(lines, opts.out)
 
 
 if __name__ == "__main__":
