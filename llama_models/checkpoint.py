@@ -168,10 +168,10 @@ def load(
     if quantize == "int4" and device.type != "cpu":
         raise ValueError("quantize='int4' runs on the CPU only")
     model_dir = Path(model_dir).expanduser()
-    args, tokenizer, shards = read(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    args, tokenizer, paths, shards = read(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     init_distributed(device)
     check_cache_fits(args, device, dtype)
-    model = build(args, this_process_share(shards, args, model_dir), model_dir)
+    model = build(args, this_process_share(shards, args, model_dir), paths[0] if len(paths) == 1 else model_dir)
     model.vocab_in_use = tokenizer.n_words
     stream = choose_form(model, model_dir, device, dtype, quantize, max_memory, pack)
     # Place: the cache allocated and everything moved to the device, in dtype.
@@ -181,7 +181,7 @@ def load(
     return model.eval(), tokenizer
 
 
-def read(model_dir: Path, **runtime) -> tuple[ModelArgs, Tokenizer, list[dict]]:
+def read(model_dir: Path, **runtime) -> tuple[ModelArgs, Tokenizer, list[Path], list[dict]]:
     """Stage 1, read: params.json, tokenizer.model, and the consolidated.*.pth shards, mapped
     from their files (nothing is read into memory yet)."""
     if not model_dir.is_dir():
@@ -202,7 +202,7 @@ def read(model_dir: Path, **runtime) -> tuple[ModelArgs, Tokenizer, list[dict]]:
     for path, shard in zip(paths[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             raise CheckpointError(f"{path} and {paths[0]} hold different tensor names")
-    return args, tokenizer, shards
+    return args, tokenizer, paths, shards
 
 
 def check_cache_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
@@ -235,8 +235,9 @@ def this_process_share(shards: list[dict], args: ModelArgs, model_dir: Path) -> 
     return reshard(shards, rank, world_size, args)
 
 
-def build(args: ModelArgs, state_dict: dict, model_dir: Path) -> Transformer:
-    """Stage 2, build: the Transformer, its parameters made the checkpoint's mapped tensors."""
+def build(args: ModelArgs, state_dict: dict, source: Path) -> Transformer:
+    """Stage 2, build: the Transformer, its parameters made the checkpoint's mapped tensors.
+    source: the file (or, for several shards, the directory) that errors name."""
     world_size = fs_init.get_model_parallel_world_size()
     # Build on the meta device: shapes only, no random weights to allocate and then overwrite.
     # fairscale creates its weights with the legacy torch.Tensor(...) constructor, which ignores
@@ -247,8 +248,7 @@ def build(args: ModelArgs, state_dict: dict, model_dir: Path) -> Transformer:
     # in float32 before assign=True frees it.
     with torch.device("meta") if world_size == 1 else torch.device("cpu"):
         model = Transformer(args)
-    paths = sorted(model_dir.glob("consolidated.*.pth"))
-    _check_tensors(model, state_dict, paths[0] if len(paths) == 1 else model_dir)
+    _check_tensors(model, state_dict, source)
     # assign=True makes the parameters *be* the checkpoint's (mmapped) tensors instead of
     # copying into freshly allocated ones: half the peak memory.
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .generation import check_finite, hand_out
+from .generation import argmax, check_finite, hand_out
 
 # Prompt lookup: try the last PROMPT_LOOKUP_MAX_NGRAM tokens first, then shorter tails down to
 # PROMPT_LOOKUP_MIN_NGRAM. A longer match is more context agreeing, so likelier to continue alike.
@@ -183,7 +183,7 @@ class DraftModel:
         guesses, probs = [], []
         for i in range(k):
             if distribution is None:
-                guess = int(logits.argmax())
+                guess = argmax(logits)
             else:
                 probs.append(distribution(logits))
                 guess = draws.draw(probs[-1])
@@ -253,7 +253,7 @@ def speculative(model, proposer, prompt_tokens: list[int], *, max_new_tokens: in
     draws = Draws(seed, model.device) if distribution is not None else None
 
     def choose(logits):
-        return int(logits.argmax()) if distribution is None else draws.draw(distribution(logits))
+        return argmax(logits) if distribution is None else draws.draw(distribution(logits))
 
     # Prefill both: the model's first token comes from its prompt pass, as in plain decoding.
     logits = model(torch.tensor([prompt_tokens], device=model.device), start_pos=0)[0, -1]  # (V,)
