@@ -51,6 +51,18 @@ def replace_linears(model: nn.Module, make, release=lambda weight: None) -> None
                 release(child.weight)
 
 
+def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], for linear layers that read the same x (wq, wk and wv; w1
+    and w3). Where they share one matrix, their weights stacked in it (llama_models.packed does
+    that on the CPU), one product gives all their outputs: the same arithmetic in fewer, larger
+    kernels, as a decode step on a small model pays a fixed cost for each."""
+    first = layers[0]
+    if hasattr(first, "rows") and all(layer.weight is first.weight for layer in layers):
+        stacked = first.product(x)  # (..., their out_features together)
+        return [stacked[..., layer.rows] for layer in layers]
+    return [layer(x) for layer in layers]
+
+
 def _plain_linear(weight: nn.Parameter) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     layer.weight = weight  # the same Parameter: no copy, and a tied head stays tied
@@ -146,9 +158,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rows: slice, positions: torch.Tensor, kv_len: int, rope: torch.Tensor, mask):
         """rows: the batch's rows of the cache; positions: (B|1, S), where each row's new tokens go."""
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, S, H, Hd)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
+        xq, xk, xv = project(x, self.wq, self.wk, self.wv)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, S, H, Hd)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, S, K, Hd)
         xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
 
         # Write this call's keys and values into the batch's rows, each row at its own positions
@@ -202,7 +215,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         # SwiGLU: a SiLU-gated linear unit. w1 makes the gate, w3 the value, w2 projects back.
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, value = project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * value)
 
 
 class TransformerBlock(nn.Module):

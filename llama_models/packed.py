@@ -13,6 +13,7 @@ rounding (bitwise the same in the bf16 checks we ran).
 import platform
 
 import torch
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 from torch import nn
 
 from .model import replace_linears
@@ -56,32 +57,66 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 class PackedLinear(nn.Module):
     """y = x @ W.T with W held in oneDNN's blocked layout, standing in for a linear layer of a
-    1-process model. The packed weight is opaque; `layer.weight.to_dense()` gives back W."""
+    1-process model. Layers that read the same input (wq, wk and wv; w1 and w3) share one packed
+    matrix, their weights stacked in it (pack_linears): `rows` are this layer's rows of it, and
+    model.project() computes the product once for all of them. The packed weight is opaque;
+    `layer.weight.to_dense()[layer.rows]` gives back W."""
 
-    @torch.no_grad()
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, packed: torch.Tensor, rows: slice, in_features: int):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        # The second argument is the number of rows the layout is tuned for: one, a decode step.
         # A plain attribute, not a Parameter or buffer: model.to() must not try to convert it.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 1)  # a packed copy
+        self.weight = packed  # (all the stacked layers' rows, in_features), in oneDNN's layout
+        self.rows = rows
+        self.product_features = packed.shape[0]
+        self.out_features, self.in_features = rows.stop - rows.start, in_features
+        self.tied = False  # replace_linears says whether a lone layer copies a tied tensor
+
+    @staticmethod
+    @torch.no_grad()
+    def stack(weights: list, dtype: torch.dtype) -> list["PackedLinear"]:
+        """One PackedLinear for each of `weights` (out_i, in), all sharing one packed copy of them
+        stacked in `dtype`."""
+        stacked = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
+        # The second argument is the number of rows the layout is tuned for: one, a decode step.
+        packed = torch.ops.mkldnn._reorder_linear_weight(stacked, 1)  # a packed copy
+        ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
+        return [PackedLinear(packed, slice(end - w.shape[0], end), w.shape[1]) for w, end in zip(weights, ends)]
 
     def forward(self, x):
+        return self.product(x)[..., self.rows]
+
+    def product(self, x):
+        """x @ (the whole packed matrix).T: the outputs of every layer stacked in it."""
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-            return packed_linear(x, self.weight, self.out_features)  # traceable, differentiable
+            return packed_linear(x, self.weight, self.product_features)  # traceable, differentiable
         # Plain inference calls the kernel directly: a custom op adds a fixed cost to every call
-        # in eager mode, paid once per linear layer, 211 times in a SmolLM2 decode step
-        # (measured: docs/benchmarks.md#calling-the-packed-kernel-directly).
+        # in eager mode (measured: docs/benchmarks.md#calling-the-packed-kernel-directly).
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # model.state_dict() still gives the checkpoint's tensors, unpacked (a copy).
-        destination[prefix + "weight"] = self.weight.to_dense()
+        destination[prefix + "weight"] = self.weight.to_dense()[self.rows].clone()
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+        stacked = f", rows {self.rows.start}:{self.rows.stop} of {self.product_features} stacked" \
+            if self.out_features < self.product_features else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}{stacked}"
+
+
+# The layers that model.py's Attention and FeedForward read one input through (model.project).
+SAME_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))
 
 
 def pack_linears(model: nn.Module, dtype: torch.dtype, release=lambda weight: None) -> None:
-    """Replace every linear layer of `model` by a PackedLinear in `dtype`, in place (one process)."""
-    replace_linears(model, lambda weight: PackedLinear(weight, dtype), release)
+    """Replace every linear layer of `model` by a PackedLinear in `dtype`, in place (one process);
+    the layers of each SAME_INPUT group share one matrix."""
+    for module in list(model.modules()):
+        for names in SAME_INPUT:
+            if all(isinstance(getattr(module, name, None), ColumnParallelLinear) for name in names):
+                weights = [getattr(module, name).weight for name in names]
+                for name, layer in zip(names, PackedLinear.stack(weights, dtype)):
+                    setattr(module, name, layer)
+                for weight in weights:
+                    release(weight)
+    # The others (wo, w2, the output head) one by one.
+    replace_linears(model, lambda weight: PackedLinear.stack([weight], dtype)[0], release)

@@ -29,7 +29,8 @@ def model_summary(model) -> str:
                 + sum(m.in_features * m.out_features for m in layers if m not in copies))
 
     def nbytes(layers):  # a quantized layer's tensors are buffers; a packed layer's one tensor is an attribute
-        return sum(t.numel() * t.element_size() for m in layers for t in ([*m.buffers()] or [m.weight]))
+        tensors = {id(t): t for m in layers for t in ([*m.buffers()] or [m.weight])}  # stacked layers share theirs
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     weight_bytes = sum(t.numel() * t.element_size() for t in params.values()) + nbytes(layers)
     copy_note = f", of which {nbytes(copies) / 2**20:.1f} MiB the output head's copy of the tied embedding" if copies else ""
