@@ -16,6 +16,10 @@ The text: Python's own documentation, the "topics" of the language reference tha
 shows (`pydoc_data/topics.py`, shipped with every CPython: English prose with code examples,
 about 65,000 words), so it is there offline, on every machine, identical for every contender.
 
+The compiled modes (`--compile`: llama_models.compiled) read each window as a user's text is
+read: its first half in one eager prefill, then one compiled decode step per token, each step's
+logits scored: the logits a `--compile` run chooses its tokens from.
+
 With --llama-cpp, llama.cpp's F32, BF16, Q8_0 and Q4_1 GGUF files of the same weights (made by
 `make bench`, beside the checkpoint: DIR-F32.gguf, ...) score the same token ids.
 """
@@ -32,11 +36,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_models  # noqa: E402
+from llama_models import compiled  # noqa: E402
 import machine  # noqa: E402  (beside this script)
 
 THREADS = len(os.sched_getaffinity(0))
-OURS = {"ours fp32": ("float32", None), "ours bf16": ("bfloat16", None), "ours int8": ("bfloat16", "int8"),
-        "ours int4": ("bfloat16", "int4")}
+OURS = {  # name -> (dtype, quantize, compiled)
+    "ours fp32": ("float32", None, False), "ours bf16": ("bfloat16", None, False),
+    "ours int8": ("bfloat16", "int8", False), "ours int4": ("bfloat16", "int4", False),
+    "ours bf16 compiled": ("bfloat16", None, True), "ours int8 compiled": ("bfloat16", "int8", True),
+    "ours int4 compiled": ("bfloat16", "int4", True)}
 LLAMA_CPP = ["F32", "BF16", "Q8_0", "Q4_1"]
 
 
@@ -63,13 +71,24 @@ def kl_and_top1(ref: torch.Tensor, logp: torch.Tensor) -> tuple[float, int]:
 
 
 class Ours:
-    def __init__(self, model_dir, dtype, quantize, ctx):
+    def __init__(self, model_dir, dtype, quantize, compile_it, ctx):
         self.model, _ = llama_models.load(model_dir, device="cpu", dtype=getattr(torch, dtype), quantize=quantize,
                                           max_seq_len=ctx)
+        self.compiled = compile_it
+        if compile_it:
+            compiled.compile_decode_step(self.model, model_dir)
+            with torch.inference_mode():  # compiled now, while the cache directory is this model's
+                self.model.decode_step(torch.tensor([[0]]), 0)
 
-    def log_probs(self, window: list[int]) -> torch.Tensor:
+    def log_probs(self, window: list[int], first: int) -> torch.Tensor:
+        """(P, V) float32 log-probabilities of the tokens after positions first .. S - 2."""
         with torch.inference_mode():
-            return F.log_softmax(self.model(torch.tensor([window]), 0)[0], dim=-1)  # (S, V) float32
+            if not self.compiled:
+                return F.log_softmax(self.model(torch.tensor([window]), 0)[0, first:-1], dim=-1)
+            self.model(torch.tensor([window[:first]]), 0)  # the prefill fills the cache; its logits are not scored
+            steps = [self.model.decode_step(torch.tensor([[token]]), pos)[0, -1]
+                     for pos, token in enumerate(window[first:-1], start=first)]
+            return F.log_softmax(torch.stack(steps), dim=-1)
 
 
 class LlamaCpp:
@@ -80,10 +99,10 @@ class LlamaCpp:
                                    n_threads_batch=THREADS, verbose=False)
         self.system_info = llama_cpp.llama_print_system_info().decode()
 
-    def log_probs(self, window: list[int]) -> torch.Tensor:
+    def log_probs(self, window: list[int], first: int) -> torch.Tensor:
         self.llm.reset()
         self.llm.eval(window)
-        logits = torch.from_numpy(self.llm.scores[:len(window)].copy())  # (S, V) float32
+        logits = torch.from_numpy(self.llm.scores[first:len(window) - 1].copy())  # (P, V) float32
         return F.log_softmax(logits, dim=-1)
 
 
@@ -99,7 +118,7 @@ def main():
 
     tokenizer = llama_models.Tokenizer(opts.model_dir / "tokenizer.model")
     tokens = text_tokens(tokenizer, opts.tokens)
-    modes = {name: Ours(opts.model_dir, dtype, quantize, opts.ctx) for name, (dtype, quantize) in OURS.items()}
+    modes = {name: Ours(opts.model_dir, *how, opts.ctx) for name, how in OURS.items()}
     system_info = ""
     if opts.llama_cpp:
         for gguf_type in LLAMA_CPP:
@@ -113,9 +132,9 @@ def main():
     scored = 0
     for n, window in enumerate(scored_windows, 1):
         targets = torch.tensor(window[half + 1:])  # the next token of positions half .. ctx - 2
-        ref = modes["ours fp32"].log_probs(window)[half:-1]  # (P, V): the reference
+        ref = modes["ours fp32"].log_probs(window, half)  # (P, V): the reference
         for name, mode in modes.items():
-            logp = ref if name == "ours fp32" else mode.log_probs(window)[half:-1]
+            logp = ref if name == "ours fp32" else mode.log_probs(window, half)
             totals[name]["nll"] -= logp.gather(1, targets[:, None]).sum().item()
             kl, top1 = kl_and_top1(ref, logp)
             totals[name]["kl"] += kl
