@@ -13,7 +13,8 @@ torch.compile traces the step into one graph and Inductor, its compiler, writes 
   - the C++ wrapper: the code between the kernels is C++ too, no Python on the way.
 That search is why the first compile takes minutes. Inductor keeps what it made on disk; the
 directory is keyed by everything that would make the result wrong or slow elsewhere: the
-checkpoint's files, the dtype and quantization, the number of threads, torch's version, the CPU.
+checkpoint's files, the dtype and quantization, the number of threads, torch's version, the CPU,
+and this package's code.
 A later run with the same key loads the compiled step: tens of seconds, not minutes.
 """
 
@@ -61,8 +62,14 @@ def cache_key(model, model_dir: Path) -> str:
                         if any(isinstance(m, layer) for m in model.modules())})
     what = dict(checkpoint=str(model_dir), files=files, dtype=str(model.dtype), quantized=quantized,
                 device=str(model.device), threads=torch.get_num_threads(), torch=torch.__version__,
-                python=sys.version.split()[0], cpu=_cpu())
+                python=sys.version.split()[0], cpu=_cpu(), code=_code())
     return f"{model_dir.name}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}"
+
+
+def _code() -> str:
+    """A hash of llama_models' source: the model's code is what gets compiled."""
+    sources = sorted(Path(__file__).parent.glob("*.py"))
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
 
 
 def _cpu() -> str:
