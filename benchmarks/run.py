@@ -6,8 +6,10 @@
 
 `make bench` and `make bench-8b` first prepare what this reads in benchmarks/work/: each model as
 a Meta checkpoint, a transformers directory (tools/hf_llama.py) and GGUF files at F32, BF16, Q8_0
-and Q4_1 (tools/write_gguf.py). Each contender runs in a process of its own (benchmarks/contenders.py);
-the figures are medians of its timed runs, and the ratios compare contenders of this one run.
+and Q4_1 (tools/write_gguf.py). Each contender runs in a process of its own (benchmarks/contenders.py),
+the contenders in turn, in 3 rounds (--rounds), so that a busy moment of the machine hits them
+alike; the figures are medians of a contender's timed runs, and the ratios compare contenders of
+this one run.
 """
 
 import argparse
@@ -158,32 +160,51 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(MODELS))
     parser.add_argument("--contenders", help="comma-separated subset of: " + ", ".join(CONTENDERS))
     parser.add_argument("--new-tokens", type=int, help="greedy tokens per run (default: 128; --quick 8, --big 4)")
-    parser.add_argument("--runs", type=int, help="timed runs per contender, after a warm-up (default: 3; "
+    parser.add_argument("--runs", type=int, help="timed runs per contender and round, after a warm-up "
+                        "(default: 1)")
+    parser.add_argument("--rounds", type=int, help="run every contender this many times in turn, pooling "
+                        "their timed runs: a change in the machine's state hits them alike (default: 3; "
                         "--quick and --big 1)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: benchmarks/RESULTS.md, "
                         "with --big RESULTS-8b.md; none with --quick)")
     return parser.parse_args()
 
 
-def measure(models: list, only: Optional[list], new_tokens: int, runs: int) -> dict:
-    """Run each model's contenders (those in `only`, if given): model -> (prompt, {contender: results})."""
+def measure(models: list, only: Optional[list], new_tokens: int, runs: int, rounds: int) -> dict:
+    """Run each model's contenders (those in `only`, if given), all of them in turn in each of
+    `rounds` rounds, a process each time: model -> (prompt, {contender: results}). A contender's
+    timed runs of every round are pooled; its start-up figures are the first round's (where a
+    compiled contender compiles), and `later_first_steps` the first steps of the later rounds."""
     measured = {}
     for model in models:
         directory, _, names = MODELS[model]
         prompt = Tokenizer(WORK / directory / "tokenizer.model").encode(PROMPT, bos=True, eos=False)
         names = [n for n in names if not only or n in only]
         measured[model] = prompt, {}
-        for name in names:
-            print(f"{directory}: {name} ...", file=sys.stderr, flush=True)
-            if name in SLOW:
-                result = run_contender(name, WORK / directory, prompt, min(new_tokens, SLOW_NEW_TOKENS), 1)
-            else:
-                result = run_contender(name, WORK / directory, prompt, new_tokens, runs)
-            measured[model][1][name] = result
+        results = measured[model][1]
+        for round_ in range(1, rounds + 1):
+            for name in names:
+                if name in SLOW and round_ > 1:
+                    continue
+                print(f"{directory}: {name} (round {round_}/{rounds}) ...", file=sys.stderr, flush=True)
+                if name in SLOW:
+                    result = run_contender(name, WORK / directory, prompt, min(new_tokens, SLOW_NEW_TOKENS), 1)
+                else:
+                    result = run_contender(name, WORK / directory, prompt, new_tokens, runs)
+                results[name] = pool(results[name], result) if name in results else result
     return measured
 
 
-def report(measured: dict, new_tokens: int, runs: int, loads: tuple, bandwidths: tuple) -> str:
+def pool(first: dict, later: dict) -> dict:
+    """A contender's results of an earlier round, with a later round's timed runs added."""
+    if "error" in first or "error" in later:
+        return first if "error" in first else later
+    return dict(first, prefill_tok_s=first["prefill_tok_s"] + later["prefill_tok_s"],
+                decode_tok_s=first["decode_tok_s"] + later["decode_tok_s"],
+                later_first_steps=first.get("later_first_steps", []) + [later["first_step_s"]])
+
+
+def report(measured: dict, new_tokens: int, runs: int, rounds: int, loads: tuple, bandwidths: tuple) -> str:
     """RESULTS.md's text. loads, bandwidths: (at the start, at the end); the higher bandwidth is the ceiling."""
     (load_before, load_after), (bandwidth_before, bandwidth_after) = loads, bandwidths
     bandwidth = max(bandwidth_before, bandwidth_after)
@@ -198,13 +219,19 @@ def report(measured: dict, new_tokens: int, runs: int, loads: tuple, bandwidths:
         f"llama-cpp-python {version('llama_cpp_python')}, Python {platform.python_version()}",
         f"- memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB float32 tensor on {THREADS} "
         f"threads, best of 10; {bandwidth_before / 1e9:.1f} at the start, {bandwidth_after / 1e9:.1f} at the end)",
-        f"- {new_tokens} greedy new tokens per run; figures are medians of {runs} timed runs after a warm-up",
+        f"- {new_tokens} greedy new tokens per run; figures are medians of {runs} timed runs after a warm-up"
+        + (f" in each of {rounds} rounds, the contenders in turn (a process each time)" if rounds > 1 else ""),
     ]
     for model, (prompt, results) in measured.items():
         directory, description, _ = MODELS[model]
         lines += ["", f"## {directory}: {description}", "", f"Prompt: {len(prompt)} tokens.", ""]
         lines += table(results, decode_weights(WORK / directory), bandwidth)
         lines += [""] + ratios(results)
+        for name, r in results.items():
+            if "later_first_steps" in r and (CONTENDERS[name].options or {}).get("compile"):
+                lines.append(f"- {name}: first step {r['first_step_s']:.1f} s in the first round (compiling), "
+                             f"{', '.join(f'{s:.1f}' for s in r['later_first_steps'])} s in the later ones "
+                             f"(loading what it compiled)")
         for name, target in RSS_TARGETS.get(model, {}).items():
             if "peak_rss" in results.get(name, {}):
                 rss = results[name]["peak_rss"]
@@ -218,16 +245,18 @@ def main():
     opts = parse_options()
     short = opts.quick or opts.big
     new_tokens = opts.new_tokens or (8 if opts.quick else 4 if opts.big else 128)
-    runs = opts.runs or (1 if short else 3)
+    runs = opts.runs or 1
+    rounds = opts.rounds or (1 if short else 3)
     models = opts.models.split(",") if opts.models else ["8b"] if opts.big else ["smollm2", "1b"]
     out = opts.out or (None if opts.quick else WORK.parent / ("RESULTS-8b.md" if opts.big else "RESULTS.md"))
 
     load_before, bandwidth_before = os.getloadavg()[0], memory_bandwidth()
-    measured = measure(models, opts.contenders.split(",") if opts.contenders else None, new_tokens, runs)
+    only = opts.contenders.split(",") if opts.contenders else None
+    measured = measure(models, only, new_tokens, runs, rounds)
     # Measured again at the end: if other work slowed one measurement, the other may be clean.
     load_after, bandwidth_after = os.getloadavg()[0], memory_bandwidth()
 
-    text = report(measured, new_tokens, runs, (load_before, load_after), (bandwidth_before, bandwidth_after))
+    text = report(measured, new_tokens, runs, rounds, (load_before, load_after), (bandwidth_before, bandwidth_after))
     print(text)
     if out is not None:
         # Other benchmarks (benchmarks/offload.py) append their sections after KEEP_MARKER: keep them.
