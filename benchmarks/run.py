@@ -229,9 +229,9 @@ def report(measured: dict, new_tokens: int, runs: int, rounds: int, loads: tuple
         lines += [""] + ratios(results)
         for name, r in results.items():
             if "later_first_steps" in r and (CONTENDERS[name].options or {}).get("compile"):
-                lines.append(f"- {name}: first step {r['first_step_s']:.1f} s in the first round (compiling), "
+                lines.append(f"- {name}: first step {r['first_step_s']:.1f} s in the first round, "
                              f"{', '.join(f'{s:.1f}' for s in r['later_first_steps'])} s in the later ones "
-                             f"(loading what it compiled)")
+                             f"(loading what the first compiled)")
         for name, target in RSS_TARGETS.get(model, {}).items():
             if "peak_rss" in results.get(name, {}):
                 rss = results[name]["peak_rss"]

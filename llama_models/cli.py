@@ -83,8 +83,9 @@ FLAGS = {
                        help="weight-only int8 or int4 (CPU) linear layers, made at load time (one process only)"),
     "--max-memory": dict(help="memory budget such as 4GB: stream transformer blocks from disk to stay within it"),
     "--compile": dict(action=argparse.BooleanOptionalAction, default=False,
-                      help="compile the decode step: minutes the first time, then cached; pays in long "
-                           "generations, most with --quantize (docs/benchmarks.md#compiled-decoding)"),
+                      help="compile the decode step: minutes the first time, then cached (10-20 s a start); "
+                           "pays in long generations on small models, most with --quantize "
+                           "(docs/benchmarks.md#compiled-decoding)"),
     # how to choose each token: see llama_models.generation.sampling_distribution
     "--temperature": dict(type=NON_NEGATIVE, default=0.6, help="sample: divide logits by this; 0 = greedy"),
     "--top-k": dict(type=OFF_OR_MORE, default=0, help="sample: keep the k most likely tokens; 0 = all"),
