@@ -275,7 +275,7 @@ How to read this:
   first token s: load plus the first, cold prefill: what a user waits for. first step s: the
   first, cold decode step after it; for the -compile contenders it is the compile time, or the
   time to load what an earlier run compiled (llama_models.compiled keeps it in
-  ~/.cache/llama_models/compiled, keyed by model, dtype, threads, torch, CPU and code).
+  ~/.cache/llama_models/compiled, keyed by model, dtype, context size, threads, torch, CPU and code).
 - peak RSS: the process's VmHWM, mmapped weight pages included; GB = 10^9 bytes.
 - prefill tok/s: prompt tokens / time of the prompt's forward pass. decode tok/s: the timer
   starts once the first new token exists; new tokens after it / elapsed.

@@ -12,9 +12,9 @@ torch.compile traces the step into one graph and Inductor, its compiler, writes 
     Inductor (docs/benchmarks.md#compiled-decoding), and the eager prefill keeps them fast;
   - the C++ wrapper: the code between the kernels is C++ too, no Python on the way.
 That search is why the first compile takes minutes. Inductor keeps what it made on disk; the
-directory is keyed by everything that would make the result wrong or slow elsewhere: the
-checkpoint's files, the dtype and quantization, the number of threads, torch's version, the CPU,
-and this package's code.
+directory is keyed by everything that would make the result wrong or slow elsewhere, or compile
+it again: the checkpoint's files, the dtype and quantization, the KV cache's size (a shape of the
+graph), the number of threads, torch's version, the CPU, and this package's code.
 A later run with the same key loads the compiled step: tens of seconds, not minutes.
 """
 
@@ -61,6 +61,7 @@ def cache_key(model, model_dir: Path) -> str:
     quantized = sorted({name for name, layer in QUANTIZED_LINEARS.items()
                         if any(isinstance(m, layer) for m in model.modules())})
     what = dict(checkpoint=str(model_dir), files=files, dtype=str(model.dtype), quantized=quantized,
+                cache=[model.params.max_batch_size, model.params.max_seq_len],
                 device=str(model.device), threads=torch.get_num_threads(), torch=torch.__version__,
                 python=sys.version.split()[0], cpu=_cpu(), code=_code())
     return f"{model_dir.name}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}"

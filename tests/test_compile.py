@@ -116,6 +116,8 @@ def test_the_cache_is_keyed_by_what_the_compiled_code_depends_on(tmp_path, capsy
         torch.set_num_threads(threads)
     bf16, _ = llama_models.load(model_dir, device="cpu", dtype=torch.bfloat16, max_seq_len=128, pack=False)
     assert compiled.cache_key(bf16, model_dir) != key
+    longer, _ = load(model_dir, False, max_seq_len=256)  # a KV cache of another size: another graph
+    assert compiled.cache_key(longer, model_dir) != key
     assert compiled.cache_key(model, model_dir) == key
     # The first compile says so and fills its directory; the same key later loads from it.
     for expected in ("compiling the decode step", "loading the decode step compiled before"):
