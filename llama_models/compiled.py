@@ -1,7 +1,7 @@
 """A compiled decode step worth turning on: what Inductor is asked to do, and where its work is kept.
 
-Eagerly, a decode step is a few hundred small kernel calls (7 matrix products and ~20 small ops a
-block), each dispatched from Python; on a CPU a small model spends much of a step between them.
+Eagerly, a decode step is a few hundred small kernel calls (4 to 7 matrix products and ~20 small
+ops a block), each dispatched from Python; on a CPU a small model spends much of a step between them.
 torch.compile traces the step into one graph and Inductor, its compiler, writes C++ for it:
   - freezing: the weights become constants of the graph, and what depends on them alone is
     computed once, when compiling;

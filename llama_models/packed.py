@@ -10,6 +10,7 @@ docs/benchmarks.md#bf16-and-packed-weights). The results are those of F.linear u
 rounding (bitwise the same in the bf16 checks we ran).
 """
 
+import itertools
 import platform
 
 import torch
@@ -79,11 +80,13 @@ class PackedLinear(nn.Module):
         stacked = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
         # The second argument is the number of rows the layout is tuned for: one, a decode step.
         packed = torch.ops.mkldnn._reorder_linear_weight(stacked, 1)  # a packed copy
-        ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
+        ends = itertools.accumulate(w.shape[0] for w in weights)
         return [PackedLinear(packed, slice(end - w.shape[0], end), w.shape[1]) for w, end in zip(weights, ends)]
 
     def forward(self, x):
-        return self.product(x)[..., self.rows]
+        out = self.product(x)
+        # A layer packed alone owns the whole product: no slice, a view made on every call for nothing.
+        return out if self.out_features == self.product_features else out[..., self.rows]
 
     def product(self, x):
         """x @ (the whole packed matrix).T: the outputs of every layer stacked in it."""
